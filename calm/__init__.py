@@ -1,0 +1,21 @@
+"""calm: Continuous Autoregressive Language Models.
+
+Each chunk of K tokens is compressed into one continuous vector by a robust
+variational autoencoder; a Transformer with a small energy-based generative
+head predicts the next vector, so generation takes K times fewer steps.
+"""
+
+from calm.config import AutoencoderConfig, CALMConfig, HeadConfig, TrainConfig, TransformerConfig
+from calm.errors import CalmError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoencoderConfig",
+    "CALMConfig",
+    "CalmError",
+    "HeadConfig",
+    "TrainConfig",
+    "TransformerConfig",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from calm.cli import main
+
+raise SystemExit(main())
