@@ -1,0 +1,199 @@
+"""The chunk autoencoder (SPEC §1, paper §2).
+
+Each chunk of K tokens is encoded on its own (no context) into a Gaussian
+posterior N(μ, σ²) over an l-dimensional latent vector, and decoded back to K
+tokens. The variational terms (clipped KL, token and latent dropout) make the
+latent space robust: a *sampled* z still decodes to the right tokens, which is
+what the CALM head has to hit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm.config import AutoencoderConfig
+from calm.layers import ResidualMLP, RMSNorm
+
+
+def kl_per_dim(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) per dimension: ½(μ² + σ² − 1 − 2 log σ); same shape as μ."""
+    return 0.5 * (mean.pow(2) + torch.exp(2 * log_std) - 1.0 - 2.0 * log_std)
+
+
+def clipped_kl(mean: torch.Tensor, log_std: torch.Tensor, floor: float) -> torch.Tensor:
+    """Σ_j max(λ, KL_j): a per-dimension floor against posterior collapse; (..., l) → (...)."""
+    return kl_per_dim(mean, log_std).clamp(min=floor).sum(-1)
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.config = cfg
+        d, K, l = cfg.hidden_size, cfg.chunk_size, cfg.latent_size
+        ff, eps = cfg.intermediate_size, cfg.rms_norm_eps
+        self.embed = nn.Embedding(cfg.vocab_size, d)  # shared with the decoder's output
+        ne, nd = cfg.num_encoder_layers, cfg.num_decoder_layers
+        self.enc_pre = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(ne // 2))
+        self.squeeze = nn.Linear(K * d, d, bias=False)
+        self.enc_post = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(ne - ne // 2))
+        self.enc_norm = RMSNorm(d, eps)
+        self.to_latent = nn.Linear(d, 2 * l, bias=False)  # [μ; log σ]
+        self.from_latent = nn.Linear(l, d, bias=False)
+        self.dec_pre = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(nd // 2))
+        self.expand = nn.Linear(d, K * d, bias=False)
+        self.dec_post = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(nd - nd // 2))
+        self.dec_norm = RMSNorm(d, eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        # Residual outputs scaled down so that the stacks start close to identity.
+        n = self.config.num_encoder_layers + self.config.num_decoder_layers
+        for m in self.modules():
+            if isinstance(m, ResidualMLP):
+                nn.init.normal_(m.mlp.down.weight, std=0.02 / math.sqrt(2 * n))
+
+    # ------------------------------------------------------------------ encode / decode
+
+    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (..., K) → (μ, log σ), each (..., l)."""
+        K, d = self.config.chunk_size, self.config.hidden_size
+        lead = tokens.shape[:-1]
+        h = self.embed(tokens)  # (..., K, d)
+        for layer in self.enc_pre:
+            h = layer(h)
+        h = self.squeeze(h.reshape(*lead, K * d))  # (..., d)
+        for layer in self.enc_post:
+            h = layer(h)
+        mean, log_std = self.to_latent(self.enc_norm(h)).chunk(2, dim=-1)
+        return mean, log_std
+
+    def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., l) → final hidden states (..., K, d), before the vocabulary projection."""
+        K, d = self.config.chunk_size, self.config.hidden_size
+        h = self.from_latent(z)
+        for layer in self.dec_pre:
+            h = layer(h)
+        h = self.expand(h).reshape(*z.shape[:-1], K, d)
+        for layer in self.dec_post:
+            h = layer(h)
+        return self.dec_norm(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., l) → logits (..., K, V), tied to the input embedding."""
+        return self.decode_hidden(z) @ self.embed.weight.t()
+
+    @torch.no_grad()
+    def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """z (..., l) → argmax token ids (..., K)."""
+        return self.decode(z).argmax(-1)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(
+        self, tokens: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens (B, T) with T divisible by K → (loss, metrics); the loss of SPEC §1."""
+        cfg = self.config
+        K, p = cfg.chunk_size, cfg.dropout
+        B, T = tokens.shape
+        chunks = tokens.reshape(B, T // K, K)
+        inputs = chunks
+        if self.training and p > 0:
+            # Token dropout: inputs replaced by id 0; the targets stay the true tokens.
+            drop = torch.rand(chunks.shape, device=tokens.device, generator=generator) < p
+            inputs = chunks.masked_fill(drop, 0)
+        mean, log_std = self.encode(inputs)  # (B, C, l)
+        eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
+        z = mean + torch.exp(log_std) * eps
+        if self.training and p > 0:
+            keep = torch.rand(z.shape, device=z.device, generator=generator) >= p
+            z = z * keep / (1 - p)  # standard (inverted) dropout on the latent
+        logits = self.decode(z)  # (B, C, K, V)
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), chunks.reshape(-1))
+        kl = clipped_kl(mean.float(), log_std.float(), cfg.kl_clip).mean()
+        loss = K * ce + cfg.kl_weight * kl
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == chunks).float().mean()
+            raw_kl = kl_per_dim(mean.float(), log_std.float()).sum(-1)
+            metrics = {
+                "loss": loss.detach(),
+                "ce": ce.detach(),
+                "kl": raw_kl.mean(),
+                "acc": acc,
+                "sigma": torch.exp(log_std.float()).mean(),
+            }
+        return loss, metrics
+
+
+# ---------------------------------------------------------------------- health figures
+
+DEFAULT_NOISE_SCALES = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+@torch.no_grad()
+def health(
+    ae: Autoencoder,
+    batches,
+    *,
+    noise_scales=DEFAULT_NOISE_SCALES,
+    generator: torch.Generator | None = None,
+    collapse_threshold: float = 0.01,
+) -> dict:
+    """Accuracy decoding μ and a sampled z, mean σ, collapsed dimensions, robustness.
+
+    The robustness curve adds extra Gaussian noise N(0, s²) to a sampled z and
+    reports token accuracy for each scale s. Sums are accumulated, then divided.
+    """
+    was_training = ae.training
+    ae.eval()
+    K = ae.config.chunk_size
+    device = next(ae.parameters()).device
+    n_tok = 0
+    n_chunks = 0
+    correct_mu = 0.0
+    correct_z = 0.0
+    sigma_sum = 0.0
+    kl_dim_sum = torch.zeros(ae.config.latent_size, dtype=torch.float64)
+    correct_noise = [0.0 for _ in noise_scales]
+    for batch in batches:
+        chunks = batch.to(device).reshape(-1, K)  # (C, K)
+        mean, log_std = ae.encode(chunks)
+        std = torch.exp(log_std)
+        eps = torch.randn(mean.shape, generator=generator, device=device)
+        z = mean + std * eps
+        correct_mu += float((ae.decode_tokens(mean) == chunks).sum())
+        correct_z += float((ae.decode_tokens(z) == chunks).sum())
+        for i, s in enumerate(noise_scales):
+            zn = z + s * torch.randn(z.shape, generator=generator, device=device) if s > 0 else z
+            correct_noise[i] += float((ae.decode_tokens(zn) == chunks).sum())
+        sigma_sum += float(std.float().mean(-1).sum())
+        kl_dim_sum += kl_per_dim(mean.float(), log_std.float()).sum(0).double().cpu()
+        n_tok += chunks.numel()
+        n_chunks += chunks.shape[0]
+    ae.train(was_training)
+    if n_chunks == 0:
+        raise ValueError("no batches to evaluate")
+    kl_dim = kl_dim_sum / n_chunks
+    return {
+        "acc_mean": correct_mu / n_tok,
+        "acc_sample": correct_z / n_tok,
+        "sigma": sigma_sum / n_chunks,
+        "kl": float(kl_dim.sum()),
+        "collapsed_dims": int((kl_dim < collapse_threshold).sum()),
+        "latent_size": ae.config.latent_size,
+        "tokens": n_tok,
+        "robustness": [
+            {"noise": float(s), "acc": c / n_tok} for s, c in zip(noise_scales, correct_noise)
+        ],
+    }

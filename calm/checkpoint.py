@@ -1,0 +1,232 @@
+"""Checkpoints: atomic step directories of safetensors and JSON (no pickle anywhere).
+
+A run folder looks like::
+
+    RUN/
+      metrics.jsonl                  one JSON object per logged step
+      checkpoints/step_000500/       one complete checkpoint per saved step
+        model.safetensors            weights
+        config.json                  format version, model kind, model and train configs
+        state.json                   step, data position, anything small
+        optimizer.safetensors        AdamW moments (+ optimizer.json for hyper-parameters)
+        rng.safetensors              RNG states, for an exact resume
+        tokenizer/                   the tokenizer the model was trained with
+
+A checkpoint is first written to a hidden temporary folder beside its final
+name and renamed into place, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from calm.errors import CalmError
+
+FORMAT_VERSION = 1
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete step directories of a run folder, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / "config.json").is_file() or bool(list_checkpoints(run_dir))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the latest checkpoint of a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CalmError(f"model path {path} does not exist")
+    if (path / "config.json").is_file():
+        return path
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise CalmError(f"{path} holds no checkpoint (expected config.json or checkpoints/step_*)")
+    return ckpts[-1]
+
+
+def _json_dump_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (safetensors) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    target: str | Path,
+    *,
+    model_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder at ``target`` atomically; return its path."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        weights = {}
+        seen: set[int] = set()
+        for k, v in model_state.items():
+            v = v.detach().cpu().contiguous()
+            if v.data_ptr() in seen:  # tied weights: safetensors stores each tensor once
+                v = v.clone()
+            seen.add(v.data_ptr())
+            weights[k] = v
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(
+            json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2) + "\n"
+        )
+        (tmp / "state.json").write_text(json.dumps(state or {}, indent=2) + "\n")
+        if optimizer is not None:
+            tensors, meta = optimizer_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
+        if rng:
+            save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
+        if target.exists():
+            # Replace an older copy (same step, e.g. after --overwrite): move it
+            # aside first so that there is always one complete version on disk.
+            old = target.with_name(f".old-{target.name}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_config(ckpt: str | Path) -> dict[str, Any]:
+    ckpt = Path(ckpt)
+    path = ckpt / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalmError(f"{ckpt} is not a checkpoint: config.json is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalmError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CalmError(f"{path} must hold a JSON object")
+    version = cfg.get("format_version")
+    if not isinstance(version, int):
+        raise CalmError(f"{path} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise CalmError(
+            f"{ckpt} has checkpoint format {version}, newer than this calm understands "
+            f"({FORMAT_VERSION}); upgrade calm"
+        )
+    return cfg
+
+
+def read_weights(ckpt: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise CalmError(f"{ckpt} is not a checkpoint: model.safetensors is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CalmError(f"{path} is corrupt or truncated: {e}") from None
+
+
+def read_state(ckpt: str | Path) -> dict[str, Any]:
+    path = Path(ckpt) / "state.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalmError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CalmError(f"{path} is corrupt or truncated: {e}") from None
+
+
+def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with a one-line error naming the first mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CalmError(f"{where}: weights do not match the config ({what})")
+    for k, v in weights.items():
+        if own[k].shape != v.shape:
+            raise CalmError(
+                f"{where}: weight {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
+            )
+    module.load_state_dict(weights)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` step directories (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Flags shared by the commands: config fields become flags, with their docstrings as help."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import typing
+from pathlib import Path
+from typing import Any
+
+from calm import config as config_module
+from calm.checkpoint import has_checkpoint
+from calm.config import TrainConfig
+from calm.errors import CalmError
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under each field of a config dataclass (read from source)."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for a, b in zip(body, body[1:]):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)
+        ):
+            docs[a.target.id] = b.value.value.strip()
+    return docs
+
+
+def _flag_type(tp: Any):
+    origin = typing.get_origin(tp)
+    if origin is not None:  # Optional[X] → X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: list[str] | None = None,
+    skip: tuple[str, ...] = (),
+    prefix: str = "",
+    defaults_from: Any = None,
+) -> None:
+    """One ``--field-name`` flag per field; default None means "keep the preset's value"."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
+        tp = _flag_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        default_note = ""
+        if defaults_from is not None:
+            default_note = f" (default: {getattr(defaults_from, f.name)})"
+        helptext = docs.get(f.name, "") + default_note
+        if tp is bool:
+            parser.add_argument(
+                flag, dest=prefix.replace("-", "_") + f.name,
+                action=argparse.BooleanOptionalAction, default=None, help=helptext,
+            )
+        else:
+            parser.add_argument(
+                flag, dest=prefix.replace("-", "_") + f.name, type=tp, default=None,
+                metavar=f.name.upper() if tp is not str else "NAME", help=helptext,
+            )
+
+
+def overrides(args: argparse.Namespace, cls: type, *, prefix: str = "", skip=()) -> dict[str, Any]:
+    """The config fields the user set on the command line."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        v = getattr(args, prefix.replace("-", "_") + f.name, None)
+        if v is not None:
+            out[f.name] = v
+    return out
+
+
+def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    g = parser.add_argument_group("training")
+    add_config_flags(g, TrainConfig, defaults_from=defaults)
+
+
+def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
+    cfg = dataclasses.replace(defaults, **overrides(args, TrainConfig))
+    for name in ("steps", "batch_size", "block_size", "grad_accum"):
+        if getattr(cfg, name) <= 0:
+            raise CalmError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise CalmError(f"--lr must be positive, got {cfg.lr}")
+    return cfg
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="run folder to create")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a run folder that already holds a checkpoint"
+    )
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber an existing checkpoint; clear it (metrics included) on --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise CalmError(f"--out {out} exists and is not a folder")
+    if has_checkpoint(out):
+        if not overwrite:
+            raise CalmError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
+        import shutil
+
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder / ".calm-write-test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CalmError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def presets_of(family: str) -> list[str]:
+    return list(config_module.PRESETS[family])

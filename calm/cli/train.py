@@ -1,0 +1,145 @@
+"""Train a CALM model on top of a frozen, trained autoencoder (SPEC §2).
+
+The backbone runs over chunk positions; the energy head predicts the next
+chunk's latent vector and is trained with the energy loss against the
+autoencoder's posterior. K, the latent size and the tokenizer come from the
+autoencoder, which must have been trained on data with the same tokenizer.
+
+Example: calm train --autoencoder runs/ae --data data/shakespeare --out runs/calm --preset demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from calm.cli.common import (
+    add_config_flags,
+    add_output_flags,
+    add_runtime_flags,
+    add_train_flags,
+    overrides,
+    prepare_out_dir,
+    presets_of,
+    train_config,
+)
+from calm.config import CALMConfig, HeadConfig, TrainConfig, TransformerConfig, preset, to_dict
+from calm.errors import CalmError
+
+# A recipe for small budgets: small batches, a high LR and a short warm-up let the
+# zero-initialised head leave its collapsed start within minutes on a CPU.
+DEFAULTS = TrainConfig(
+    steps=1000, batch_size=4, block_size=512, lr=1e-3, warmup_steps=50, eval_every=250,
+    eval_batches=8,
+)
+
+
+def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
+    add_output_flags(p)
+    p.add_argument("--preset", default="demo", choices=presets_of("transformer"), help="backbone size")
+    g = p.add_argument_group("backbone (overrides of the preset)")
+    add_config_flags(g, TransformerConfig, skip=("vocab_size",))
+    add_train_flags(p, defaults)
+    add_runtime_flags(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autoencoder", required=True, help="trained autoencoder (run or checkpoint folder)")
+    add_model_arguments(p, DEFAULTS)
+    g = p.add_argument_group("generative head")
+    add_config_flags(g, HeadConfig, prefix="head-")
+    p.add_argument(
+        "--input-scheme", default="discrete", choices=["discrete", "continuous", "both"],
+        help="how the previous chunk enters the backbone",
+    )
+
+
+def backbone_config(args, vocab_size: int) -> TransformerConfig:
+    return preset("transformer", args.preset, vocab_size=vocab_size,
+                  **overrides(args, TransformerConfig, skip=("vocab_size",)))
+
+
+def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
+    """Shared by `calm train` and `calm train-baseline`: assemble, train, report."""
+    from calm.data import BatchLoader, TokenDataset, eval_batches
+    from calm.loading import check_same_tokenizer
+    from calm.runtime import pick_device, seed_everything, set_threads
+    from calm.train import train
+
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    dataset = TokenDataset(args.data)
+    tcfg = train_config(args, defaults)
+    backbone = backbone_config(args, dataset.vocab_size)
+    ckpt_cfg: dict = {"kind": kind, "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}}
+
+    if kind == "calm":
+        from calm.loading import load_autoencoder
+        from calm.model import CALM, autoencoder_record
+
+        ae, ae_ckpt, ae_cfg = load_autoencoder(args.autoencoder, device)
+        check_same_tokenizer(ae_cfg, dataset, ae_ckpt)
+        K = ae.config.chunk_size
+        if tcfg.block_size % K:
+            raise CalmError(f"block size {tcfg.block_size} is not divisible by K={K}")
+        chunks = tcfg.block_size // K
+        if chunks < 2:
+            raise CalmError(f"block size {tcfg.block_size} holds fewer than 2 chunks of K={K}")
+        backbone = dataclasses.replace(backbone, max_seq_len=max(backbone.max_seq_len, chunks))
+        head = dataclasses.replace(HeadConfig(), **overrides(args, HeadConfig, prefix="head-"))
+        cfg = CALMConfig(backbone=backbone, head=head, chunk_size=K,
+                         latent_size=ae.config.latent_size, input_scheme=args.input_scheme)
+        seed_everything(tcfg.seed)
+        model = CALM(cfg, ae)
+        ckpt_cfg.update(model=to_dict(cfg), autoencoder=autoencoder_record(ae_ckpt, ae_cfg))
+        chunk_size = K
+    else:
+        from calm.baseline import TokenLM
+
+        backbone = dataclasses.replace(
+            backbone, max_seq_len=max(backbone.max_seq_len, tcfg.block_size)
+        )
+        seed_everything(tcfg.seed)
+        model = TokenLM(backbone)
+        ckpt_cfg.update(model=to_dict(backbone))
+        chunk_size = 1
+
+    loader = BatchLoader(dataset, "train", tcfg.block_size, tcfg.batch_size, seed=tcfg.seed,
+                         chunk_size=chunk_size)
+    val = eval_batches(dataset, "val", tcfg.block_size, tcfg.batch_size, max_batches=tcfg.eval_batches)
+    prepare_out_dir(args.out, args.overwrite)
+    flops = None
+    try:
+        from calm.flops import training_flops_per_token
+
+        flops = training_flops_per_token(model, tcfg.block_size)
+    except ImportError:
+        pass
+    n = model.trainable_parameters()
+    print(f"{kind}: {n / 1e6:.2f}M trainable parameters, "
+          f"{tcfg.batch_size * tcfg.block_size * tcfg.grad_accum} tokens per step on {device}")
+
+    def evaluate(m):
+        tot, cnt = 0.0, 0
+        for b in val:
+            loss, _ = m(b.to(device))
+            tot += float(loss)
+            cnt += 1
+        return {"loss": tot / max(cnt, 1)}
+
+    result = train(
+        model, tcfg, iter(loader), run_dir=args.out, device=device, evaluate=evaluate,
+        checkpoint_config=ckpt_cfg, tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
+        flops_per_token=flops, progress=not args.no_progress, desc=f"train {kind}",
+    )
+    print(json.dumps({"step": result.step, **{k: round(v, 5) for k, v in result.last_metrics.items()},
+                      **result.last_eval, "tokens_per_s": round(result.tokens_per_second, 1),
+                      "checkpoint": str(result.checkpoint)}))
+    return 0
+
+
+def run(args) -> int:
+    return run_training(args, kind="calm", defaults=DEFAULTS)

@@ -1,0 +1,209 @@
+"""Generation for CALM and the token-level baseline (SPEC §2 "Inference").
+
+CALM: at each step the backbone's last hidden state goes to a *chooser*, which
+returns the next chunk's K tokens (and its latent vector, for the continuous
+input): by default one head sample decoded by the frozen autoencoder
+(temperature 1); the likelihood-free temperature samplers plug in here too.
+The chosen chunk is compressed and fed back, with a KV cache over chunk
+positions, so a step costs one backbone position per row.
+
+Batches of prompts of different lengths are left-padded: whole pad chunks are
+masked out of attention, rotary positions start at 0 at each row's first real
+chunk, and a prompt whose length is not a multiple of K starts with a partial
+chunk whose leading slots are *absent* (a learned pad embedding, never a
+token), so the model reads exactly the prompt's text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from calm.errors import CalmError
+
+# chooser(h (B, d)) → (tokens (B, K), latents (B, l))
+Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt (up to and including end-of-text)
+    steps: int  # autoregressive steps taken
+
+
+def head_sample_chooser(model, generator: torch.Generator | None = None) -> Chooser:
+    """Temperature 1: one head sample per row, decoded by the autoencoder (argmax)."""
+
+    def choose(h: torch.Tensor):
+        z = model.head.sample(h, generator=generator)  # (B, l)
+        return model.autoencoder.decode_tokens(z), z
+
+    return choose
+
+
+def _check_prompts(prompts: list[list[int]]) -> None:
+    if not prompts:
+        raise CalmError("no prompt given")
+    for p in prompts:
+        if len(p) == 0:
+            raise CalmError("empty prompt: give at least one token of text")
+
+
+def _left_pad(prompts: list[list[int]], unit: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts → (slots (B, S·unit) long, known (B, S·unit) bool), right-aligned."""
+    width = max(math.ceil(len(p) / unit) for p in prompts) * unit
+    slots = torch.zeros(len(prompts), width, dtype=torch.long)
+    known = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        slots[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        known[b, width - len(p) :] = True
+    return slots.to(device), known.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+    chooser: Chooser | None = None,
+    on_step: Callable[[list[list[int]]], None] | None = None,
+) -> Generation:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    Stops a row at ``eot_id``. ``on_step(new)`` receives each step's new tokens per
+    row (for streaming). For CALM, ``chooser`` replaces the default head sampler
+    (temperature sampling); for the baseline, ``temperature`` scales the softmax.
+    """
+    _check_prompts(prompts)
+    if not 0 < temperature <= 1:
+        raise CalmError(f"temperature must be in (0, 1], got {temperature}")
+    if max_new_tokens < 1:
+        raise CalmError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if getattr(model, "kind", None) == "calm":
+        return _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step)
+    return _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step)
+
+
+def _finish_rows(new: torch.Tensor, eot_id, done: torch.Tensor, out: list[list[int]], budget: int):
+    """Append each unfinished row's new tokens (cut after end-of-text or the budget)."""
+    added = []
+    for b, row in enumerate(new.tolist()):
+        if done[b]:
+            added.append([])
+            continue
+        row = row[: budget - len(out[b])]
+        if eot_id is not None and eot_id in row:
+            row = row[: row.index(eot_id) + 1]
+            done[b] = True
+        out[b].extend(row)
+        if len(out[b]) >= budget:
+            done[b] = True
+        added.append(row)
+    return added
+
+
+def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step):
+    K = model.config.chunk_size
+    device = next(model.parameters()).device
+    if chooser is None:
+        if temperature != 1.0:
+            from calm.sampling_chooser import temperature_chooser
+
+            chooser = temperature_chooser(model, temperature, generator=generator)
+        else:
+            chooser = head_sample_chooser(model, generator)
+    slots, known = _left_pad(prompts, K, device)
+    B = len(prompts)
+    chunks = slots.view(B, -1, K)  # (B, C, K)
+    known = known.view(B, -1, K)
+    C = chunks.shape[1]
+    new_chunks = math.ceil(max_new_tokens / K)
+    limit = model.config.backbone.max_seq_len
+    if C + new_chunks > limit:
+        raise CalmError(
+            f"the prompt ({C} chunks) plus {new_chunks} new chunks exceeds the model's context "
+            f"of {limit} chunks ({limit * K} tokens)"
+        )
+    real = known.any(-1)  # (B, C) chunks with at least one token
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, C)
+    padded = not bool(real.all())
+    key_mask = torch.ones(B, C + new_chunks, dtype=torch.bool, device=device)
+    key_mask[:, :C] = real
+    latents = None
+    if model.config.input_scheme != "discrete":
+        latents, _ = model.autoencoder.encode(chunks)  # absent slots read as id 0 (dropout id)
+    cache = model.make_cache(B, C + new_chunks)
+    h = model.step(
+        chunks, latents, cache=cache, positions=positions,
+        key_mask=key_mask[:, :C] if padded else None, known=known,
+    )
+    pos = positions[:, -1:] + 1  # (B, 1)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    steps = 0
+    for _ in range(new_chunks):
+        tokens, z = chooser(h)  # (B, K), (B, l)
+        steps += 1
+        added = _finish_rows(tokens, eot_id, done, out, max_new_tokens)
+        if on_step is not None:
+            on_step(added)
+        if bool(done.all()):
+            break
+        h = model.step(
+            tokens[:, None], z[:, None] if latents is not None else None, cache=cache, positions=pos,
+            key_mask=key_mask[:, : cache.length + 1] if padded else None,
+        )
+        pos = pos + 1
+    return Generation(out, steps)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """Softmax sampling at a temperature: logits (B, V) → ids (B,)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step):
+    device = next(model.parameters()).device
+    slots, known = _left_pad(prompts, 1, device)
+    B, S = slots.shape
+    limit = model.config.max_seq_len
+    if S + max_new_tokens > limit:
+        raise CalmError(
+            f"the prompt ({S} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    padded = not bool(known.all())
+    positions = (known.long().cumsum(1) - 1).clamp(min=0)
+    key_mask = torch.ones(B, S + max_new_tokens, dtype=torch.bool, device=device)
+    key_mask[:, :S] = known
+    cache = model.make_cache(B, S + max_new_tokens)
+    logits = model.logits(
+        slots, positions=positions, cache=cache, key_mask=key_mask[:, :S] if padded else None,
+        read=torch.tensor([S - 1], device=device),
+    )[:, -1]
+    pos = positions[:, -1:] + 1
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    steps = 0
+    for _ in range(max_new_tokens):
+        nxt = sample_logits(logits, temperature, generator)  # (B,)
+        steps += 1
+        added = _finish_rows(nxt[:, None], eot_id, done, out, max_new_tokens)
+        if on_step is not None:
+            on_step(added)
+        if bool(done.all()):
+            break
+        logits = model.logits(
+            nxt[:, None], positions=pos, cache=cache,
+            key_mask=key_mask[:, : cache.length + 1] if padded else None,
+        )[:, -1]
+        pos = pos + 1
+    return Generation(out, steps)

@@ -1,0 +1,58 @@
+"""The interface every generative head implements (SPEC §2, paper §3.2 and §7.4).
+
+A head turns a backbone hidden state h into a continuous latent vector z of the
+next chunk. It owns its training loss against the frozen autoencoder's
+posterior of the true chunk and its own sampler, so energy, flow-matching and
+diffusion heads are interchangeable: the backbone never knows which one it feeds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GenerativeHead(nn.Module):
+    """Base class: ``loss(h, mean, log_std) → (loss, metrics)`` and ``sample(h) → z``."""
+
+    def __init__(self, hidden_size: int, latent_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        """d: size of the backbone hidden state the head is conditioned on."""
+        self.latent_size = latent_size
+        """l: size of the latent vector the head generates."""
+
+    def loss(
+        self,
+        h: torch.Tensor,
+        target_mean: torch.Tensor,
+        target_log_std: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Training loss, averaged over positions, and detached scalar metrics.
+
+        h: (..., d) hidden states at positions that have a target. The target is
+        the autoencoder posterior N(target_mean, exp(target_log_std)²) of the true
+        next chunk, each (..., l); the head draws its own samples from it.
+        """
+        raise NotImplementedError
+
+    def sample_n(
+        self, h: torch.Tensor, n: int, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n independent samples per row in one batched pass: h (..., d) → (..., n, l)."""
+        raise NotImplementedError
+
+    def sample(self, h: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sample per row: h (..., d) → z (..., l)."""
+        return self.sample_n(h, 1, generator=generator).squeeze(-2)
+
+    def flops_per_sample(self) -> int:
+        """FLOPs (2 × multiply-adds) of one network evaluation for one row."""
+        raise NotImplementedError
+
+    @property
+    def sampling_steps(self) -> int:
+        """Network evaluations per sample (1 for the energy head, ODE/DDPM steps otherwise)."""
+        raise NotImplementedError

@@ -1,0 +1,77 @@
+"""Load any checkpoint folder back into its model (weights via safetensors only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from calm.checkpoint import load_weights_into, read_config, read_weights, resolve_checkpoint
+from calm.config import AutoencoderConfig, from_dict
+from calm.errors import CalmError
+
+KINDS = ("autoencoder", "calm", "baseline")
+
+
+def checkpoint_kind(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise CalmError(f"{ckpt}/config.json: unknown model kind {kind!r} (expected one of {KINDS})")
+    return ckpt, cfg
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
+    from calm.autoencoder import Autoencoder
+
+    ckpt, cfg = checkpoint_kind(path)
+    if cfg["kind"] != "autoencoder":
+        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not an autoencoder")
+    model_cfg = from_dict(AutoencoderConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
+    model = Autoencoder(model_cfg)
+    load_weights_into(model, read_weights(ckpt), str(ckpt))
+    return model.to(device).eval(), ckpt, cfg
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Path, dict]:
+    """Any checkpoint → (model in eval mode, checkpoint folder, its config.json)."""
+    ckpt, cfg = checkpoint_kind(path)
+    if cfg["kind"] == "autoencoder":
+        return load_autoencoder(ckpt, device)
+    if cfg["kind"] == "calm":
+        from calm.model import load_calm
+
+        return load_calm(ckpt, device)
+    from calm.baseline import load_baseline
+
+    return load_baseline(ckpt, device)
+
+
+def load_checkpoint_tokenizer(ckpt: Path):
+    from calm.tokenizer import load_tokenizer
+
+    tok_dir = Path(ckpt) / "tokenizer"
+    if not tok_dir.is_dir():
+        raise CalmError(f"{ckpt} has no tokenizer/ folder")
+    return load_tokenizer(tok_dir)
+
+
+def check_same_tokenizer(ckpt_cfg: dict, dataset, ckpt: Path) -> None:
+    """Refuse a dataset whose tokenizer is not the one the model was trained with."""
+    want = (ckpt_cfg.get("data") or {}).get("tokenizer")
+    have = dataset.fingerprint
+    vocab = (ckpt_cfg.get("model") or {}).get("vocab_size") or (
+        (ckpt_cfg.get("model") or {}).get("backbone") or {}
+    ).get("vocab_size")
+    if want is not None and want != have:
+        raise CalmError(
+            f"the dataset's tokenizer ({have[:12]}) differs from the one {ckpt} was trained with "
+            f"({want[:12]}); prepare the data with the model's tokenizer"
+        )
+    if vocab is not None and dataset.vocab_size > vocab:
+        raise CalmError(
+            f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's ({vocab})"
+        )

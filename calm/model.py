@@ -1,0 +1,201 @@
+"""CALM: frozen autoencoder + input compression + backbone + generative head (SPEC §2, paper §3).
+
+Training layout (the reference's): a block of T tokens is C = T/K chunks; the
+backbone reads chunks 0 … C−2 (each compressed to one vector) and at position i
+predicts the latent vector of chunk i+1, whose target is the frozen
+autoencoder's posterior N(μ, σ²).
+
+Prompts whose length is not a multiple of K: the first chunk may have leading
+*absent* slots, filled with a learned pad embedding rather than a token, so the
+text the model reads stays exactly the prompt. Training shows the model such
+partial first chunks (``PARTIAL_FIRST_CHUNK`` of the blocks), so it knows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calm.autoencoder import Autoencoder
+from calm.config import CALMConfig
+from calm.errors import CalmError
+from calm.heads import build_head
+from calm.transformer import KVCache, Transformer, init_weights
+
+PARTIAL_FIRST_CHUNK = 0.25  # fraction of training blocks whose first chunk loses a prefix
+
+
+class CALM(nn.Module):
+    kind = "calm"
+
+    def __init__(self, cfg: CALMConfig, autoencoder: Autoencoder):
+        super().__init__()
+        ae = autoencoder.config
+        if (ae.chunk_size, ae.latent_size) != (cfg.chunk_size, cfg.latent_size):
+            raise CalmError(
+                f"the autoencoder has K={ae.chunk_size}, latent {ae.latent_size}; the model "
+                f"needs K={cfg.chunk_size}, latent {cfg.latent_size}"
+            )
+        if ae.vocab_size != cfg.backbone.vocab_size:
+            raise CalmError(
+                f"the autoencoder's vocabulary ({ae.vocab_size}) differs from the model's "
+                f"({cfg.backbone.vocab_size})"
+            )
+        if cfg.input_scheme not in ("discrete", "continuous", "both"):
+            raise CalmError(
+                f"unknown input scheme {cfg.input_scheme!r}; choose discrete, continuous or both"
+            )
+        self.config = cfg
+        d, K, V = cfg.backbone.hidden_size, cfg.chunk_size, cfg.backbone.vocab_size
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        if cfg.input_scheme in ("discrete", "both"):
+            self.embed = nn.Embedding(V, d)
+            self.pad_embed = nn.Parameter(torch.zeros(d))  # an absent token slot
+            self.compress = nn.Sequential(
+                nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=1e-6)
+            )
+        if cfg.input_scheme in ("continuous", "both"):
+            self.latent_in = nn.Linear(cfg.latent_size, d)
+        self.backbone = Transformer(cfg.backbone)
+        self.head = build_head(cfg.head, d, cfg.latent_size, cfg.backbone.num_layers)
+        for name, m in self.named_children():
+            if name in ("embed", "compress", "latent_in"):
+                init_weights(m)
+        if hasattr(self, "embed"):
+            nn.init.normal_(self.pad_embed, std=0.02)
+
+    # The frozen autoencoder stays in eval mode (no dropout) whatever mode CALM is in.
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Weights to save: everything but the frozen autoencoder (it has its own checkpoint)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("autoencoder.")}
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ inputs
+
+    def inputs(
+        self,
+        chunks: torch.Tensor,
+        latents: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Backbone inputs from the previous chunks: chunks (B, S, K) → (B, S, d).
+
+        latents (B, S, l): the previous chunks' latent vectors (continuous input).
+        known (B, S, K) bool: False marks an absent slot (pad embedding instead of a token).
+        """
+        scheme = self.config.input_scheme
+        x = None
+        if scheme in ("discrete", "both"):
+            e = self.embed(chunks)  # (B, S, K, d)
+            if known is not None:
+                e = torch.where(known[..., None], e, self.pad_embed.to(e.dtype))
+            x = self.compress(e.flatten(-2))  # (B, S, d)
+        if scheme in ("continuous", "both"):
+            if latents is None:
+                raise ValueError("the continuous input scheme needs the previous latents")
+            c = self.latent_in(latents.to(self.latent_in.weight.dtype))
+            x = c if x is None else x + c
+        return x
+
+    # ------------------------------------------------------------------ training
+
+    def forward(
+        self, tokens: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens (B, T), T divisible by K → (energy loss, metrics)."""
+        K = self.config.chunk_size
+        B, T = tokens.shape
+        if T % K:
+            raise CalmError(f"block size {T} is not divisible by K={K}")
+        chunks = tokens.reshape(B, T // K, K)
+        with torch.no_grad():
+            mean, log_std = self.autoencoder.encode(chunks)  # (B, C, l) targets
+        known = None
+        if self.training and K > 1 and hasattr(self, "embed"):
+            # Show the model partial first chunks: a random prefix of chunk 0 is absent.
+            r = torch.rand(B, device=tokens.device, generator=generator)
+            cut = torch.randint(1, K, (B,), device=tokens.device, generator=generator)
+            cut = torch.where(r < PARTIAL_FIRST_CHUNK, cut, torch.zeros_like(cut))
+            known = torch.ones(B, T // K - 1, K, dtype=torch.bool, device=tokens.device)
+            known[:, 0] = torch.arange(K, device=tokens.device)[None, :] >= cut[:, None]
+        x = self.inputs(chunks[:, :-1], mean[:, :-1], known)  # (B, C−1, d)
+        h = self.backbone(x)
+        loss, metrics = self.head.loss(h, mean[:, 1:], log_std[:, 1:], generator=generator)
+        metrics = {"loss": loss.detach(), **metrics}
+        return loss, metrics
+
+    # ------------------------------------------------------------------ generation
+
+    def make_cache(self, batch_size: int, max_chunks: int) -> KVCache:
+        return self.backbone.make_cache(batch_size, max_chunks)
+
+    def step(
+        self,
+        chunks: torch.Tensor,
+        latents: torch.Tensor | None,
+        *,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feed chunks (B, S, K) through the backbone with the cache; return the last hidden (B, d)."""
+        x = self.inputs(chunks, latents, known)
+        h = self.backbone(x, positions=positions, cache=cache, key_mask=key_mask)
+        return h[:, -1]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def autoencoder_record(ckpt: Path, ae_cfg: dict) -> dict:
+    """What a CALM checkpoint remembers of its autoencoder, to find and verify it later."""
+    return {
+        "path": str(Path(ckpt).resolve()),
+        "sha256": file_sha256(Path(ckpt) / "model.safetensors"),
+        "model": ae_cfg.get("model"),
+        "tokenizer": (ae_cfg.get("data") or {}).get("tokenizer"),
+    }
+
+
+def load_calm(path, device="cpu", autoencoder_path=None):
+    """A CALM checkpoint and the autoencoder it records (or ``autoencoder_path``), verified."""
+    from calm.checkpoint import load_weights_into, read_weights
+    from calm.config import from_dict
+    from calm.loading import checkpoint_kind, load_autoencoder
+
+    ckpt, cfg = checkpoint_kind(path)
+    if cfg["kind"] != "calm":
+        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not a CALM model")
+    model_cfg = from_dict(CALMConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
+    rec = cfg.get("autoencoder") or {}
+    ae_path = autoencoder_path or rec.get("path")
+    if not ae_path or not Path(ae_path).exists():
+        raise CalmError(
+            f"the autoencoder of {ckpt} was not found at {ae_path!r}; pass --autoencoder DIR"
+        )
+    ae, ae_ckpt, _ = load_autoencoder(ae_path, device)
+    if rec.get("sha256") and file_sha256(Path(ae_ckpt) / "model.safetensors") != rec["sha256"]:
+        raise CalmError(
+            f"the autoencoder at {ae_ckpt} is not the one {ckpt} was trained with (weights differ)"
+        )
+    model = CALM(model_cfg, ae)
+    weights = read_weights(ckpt)
+    weights.update({f"autoencoder.{k}": v for k, v in ae.state_dict().items()})
+    load_weights_into(model, weights, str(ckpt))
+    return model.to(device).eval(), ckpt, cfg
