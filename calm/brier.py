@@ -242,7 +242,11 @@ def rollout_layout(T: int, steps: int, positions: torch.Tensor) -> RolloutLayout
 MaskedLogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_positions(T: int, max_n: int, positions: torch.Tensor | None, device) -> torch.Tensor:
+def check_positions(T: int, max_n: int, positions: torch.Tensor | None, device) -> torch.Tensor:
+    """Start positions t (prefix tokens[:t+1]) with room for a true max_n-gram: (P,) long.
+
+    Default: every one, 0..T−1−max_n. Given positions are checked to lie in that range.
+    """
     if max_n < 1:
         raise CalmError(f"max_n must be at least 1, got {max_n}")
     if T < max_n + 1:
@@ -282,7 +286,7 @@ def token_model_estimates(
     squeeze = tokens.dim() == 1
     x = tokens.view(1, -1) if squeeze else tokens  # (B, T)
     B, T = x.shape
-    positions = _check_positions(T, max_n, positions, x.device)
+    positions = check_positions(T, max_n, positions, x.device)
     P = positions.numel()
 
     # Teacher forcing: read every slot that predicts a true token of some n-gram.

@@ -77,9 +77,9 @@ def _json_dump_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (safetensors) and JSON-able rest."""
-    sd = optimizer.state_dict()
+def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict (integer parameter ids) into flat tensors
+    (for safetensors, named ``"{id}.{name}"``) and the JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -91,16 +91,30 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """The inverse of ``split_optimizer_state``: a state dict for ``Optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    try:
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        for idx, extra in meta.get("scalars", {}).items():
+            state.setdefault(int(idx), {}).update(extra)
+        groups = meta["param_groups"]
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise CalmError("optimizer state is malformed") from None
+    return {"state": state, "param_groups": groups}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state into flat tensors (safetensors) and JSON-able rest."""
+    return split_optimizer_state(optimizer.state_dict())
+
+
 def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
 ) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, extra in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(extra)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    optimizer.load_state_dict(join_optimizer_state(tensors, meta))
 
 
 def save_checkpoint(
@@ -109,12 +123,16 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     config: dict[str, Any],
     state: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
     rng: dict[str, torch.Tensor] | None = None,
     tokenizer=None,
     extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder at ``target`` atomically; return its path."""
+    """Write a complete checkpoint folder at ``target`` atomically; return its path.
+
+    ``optimizer``: an optimizer, or its state dict (integer parameter ids), as
+    gathered from sharded training.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
@@ -133,7 +151,8 @@ def save_checkpoint(
         )
         (tmp / "state.json").write_text(json.dumps(state or {}, indent=2) + "\n")
         if optimizer is not None:
-            tensors, meta = optimizer_tensors(optimizer)
+            sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+            tensors, meta = split_optimizer_state(sd)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(meta) + "\n")
         if rng:

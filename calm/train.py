@@ -101,6 +101,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     keep_checkpoints: int = 0,
+    time_limit: float | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps; return the final figures.
 
@@ -156,7 +157,8 @@ def train(
         )
     try:
         while True:
-            last_step = step >= cfg.steps
+            # time_limit (seconds of training) ends a run early, e.g. a quickstart's budget.
+            last_step = step >= cfg.steps or (time_limit is not None and t_train >= time_limit)
             if evaluate is not None and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step)):
                 model.eval()
                 with torch.no_grad(), autocast_for(device):

@@ -113,6 +113,15 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many minutes (the final eval and save still run)")
+
+
+def time_limit(args: argparse.Namespace) -> float | None:
+    m = getattr(args, "max_minutes", None)
+    if m is not None and m <= 0:
+        raise CalmError(f"--max-minutes must be positive, got {m}")
+    return None if m is None else 60.0 * m
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from calm.cli.common import (
     add_train_flags,
     overrides,
     prepare_out_dir,
+    time_limit,
     presets_of,
     train_config,
 )
@@ -134,6 +135,7 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
         model, tcfg, iter(loader), run_dir=args.out, device=device, evaluate=evaluate,
         checkpoint_config=ckpt_cfg, tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
         flops_per_token=flops, progress=not args.no_progress, desc=f"train {kind}",
+        time_limit=time_limit(args),
     )
     print(json.dumps({"step": result.step, **{k: round(v, 5) for k, v in result.last_metrics.items()},
                       **result.last_eval, "tokens_per_s": round(result.tokens_per_second, 1),

@@ -21,6 +21,7 @@ from calm.cli.common import (
     add_train_flags,
     overrides,
     prepare_out_dir,
+    time_limit,
     presets_of,
     train_config,
 )
@@ -85,7 +86,7 @@ def run(args) -> int:
         checkpoint_config={"kind": "autoencoder", "model": to_dict(cfg),
                            "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}},
         tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
-        progress=not args.no_progress, desc="train-ae",
+        progress=not args.no_progress, desc="train-ae", time_limit=time_limit(args),
     )
     print(json.dumps({"step": result.step, **result.last_eval,
                       "tokens_per_s": round(result.tokens_per_second, 1),

@@ -9,11 +9,15 @@ from __future__ import annotations
 from calm.config import HeadConfig
 from calm.errors import CalmError
 from calm.heads.base import GenerativeHead
+from calm.heads.diffusion import DiffusionHead
 from calm.heads.energy import EnergyHead, energy_loss, energy_terms
+from calm.heads.flow import FlowHead
 
 # kind → constructor from (config, hidden size, latent size, backbone layers)
 HEADS = {
     "energy": EnergyHead.from_config,
+    "flow": FlowHead.from_config,
+    "diffusion": DiffusionHead.from_config,
 }
 
 
@@ -26,4 +30,13 @@ def build_head(
     return HEADS[head_cfg.kind](head_cfg, hidden_size, latent_size, num_backbone_layers)
 
 
-__all__ = ["HEADS", "EnergyHead", "GenerativeHead", "build_head", "energy_loss", "energy_terms"]
+__all__ = [
+    "HEADS",
+    "DiffusionHead",
+    "EnergyHead",
+    "FlowHead",
+    "GenerativeHead",
+    "build_head",
+    "energy_loss",
+    "energy_terms",
+]

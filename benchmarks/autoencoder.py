@@ -1,0 +1,139 @@
+"""Autoencoder benchmark: quality on the demo corpus and training speed at the reference size.
+
+1. Trains the demo-size autoencoder (K = 4, latent 128) on the demo corpus
+   (Shakespeare) within a time budget, then reports held-out token accuracy
+   decoding μ and decoding a sampled z (paper: ≥ 99.9 %), mean σ, collapsed
+   dimensions and the robustness curve.
+2. Measures training tokens/s at the reference size (vocab 32000, hidden 512,
+   intermediate 1280, 2+2 layers, latent 128, K 4, batch 8 × 512 tokens, fp32)
+   and compares it with the FLOP-bound of this machine.
+
+Usage: python benchmarks/autoencoder.py [--minutes 9] [--threads 2] [--skip-quality]
+Writes benchmarks/results/autoencoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, timed, write  # noqa: E402
+
+from calm.autoencoder import Autoencoder, health  # noqa: E402
+from calm.config import TrainConfig, preset  # noqa: E402
+from calm.data import BatchLoader, TokenDataset, eval_batches, prepare_dataset  # noqa: E402
+from calm.demo import DEMO_VALIDATION, demo_documents  # noqa: E402
+from calm.train import train  # noqa: E402
+
+PEAK_GFLOPS = 175.0  # fp32 matmul on 2 threads of this machine (DEVELOPERS.md)
+
+
+def demo_dataset(path: Path) -> TokenDataset:
+    if not (path / "meta.json").is_file():
+        prepare_dataset([], path, documents=demo_documents(), val_documents=DEMO_VALIDATION)
+    return TokenDataset(path)
+
+
+def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int) -> dict:
+    cfg = preset("autoencoder", "demo", vocab_size=ds.vocab_size)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, block_size=512, lr=lr, warmup_steps=100,
+                       eval_every=0, seed=0)
+    torch.manual_seed(0)
+    model = Autoencoder(cfg)
+    loader = BatchLoader(ds, "train", 512, batch, seed=0, chunk_size=4)
+    t0 = time.perf_counter()
+    res = train(model, tcfg, iter(loader), run_dir=None, time_limit=60 * minutes, desc="demo AE")
+    wall = time.perf_counter() - t0
+    val = eval_batches(ds, "val", 512, 16)  # the whole held-out split
+    h = health(model, val, generator=torch.Generator().manual_seed(0))
+    return {"config": {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+                       "latent": cfg.latent_size, "K": cfg.chunk_size, "vocab": cfg.vocab_size,
+                       "batch_tokens": batch * 512, "lr": lr},
+            "steps": res.step, "train_seconds": wall, "train_tokens_per_s": res.tokens_per_second,
+            **h}
+
+
+def reference_speed(repeat: int) -> dict:
+    cfg = preset("autoencoder", "reference")
+    torch.manual_seed(0)
+    model = Autoencoder(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x = torch.randint(0, cfg.vocab_size, (8, 512))
+
+    def step():
+        loss, _ = model(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = timed(step, warmup=2, repeat=repeat)
+    tokens = x.numel()
+    # FLOPs of the matmuls: forward 2·MACs, backward twice that.
+    d, f, V, K, l = 512, 1280, cfg.vocab_size, 4, 128
+    per_token_macs = (
+        V * d  # tied vocabulary projection
+        + 3 * d * f  # one position-wise encoder layer
+        + d * d  # squeeze (K·d → d, per chunk = d·d per token)
+        + 3 * d * f / K  # one encoder layer on the chunk vector
+        + 2 * d * l / K  # to latent
+        + l * d / K + 3 * d * f / K + d * d  # from latent, decoder layer, expand
+        + 3 * d * f  # position-wise decoder layer
+    )
+    flops = 6 * per_token_macs * tokens
+    bound = PEAK_GFLOPS * 1e9 / (6 * per_token_macs)
+    return {"tokens_per_step": tokens, "step_seconds": t, "tokens_per_s": tokens / t["median"],
+            "tokens_per_s_min_max": [tokens / t["max"], tokens / t["min"]],
+            "flops_per_step": flops, "achieved_gflops": flops / t["median"] / 1e9,
+            "flop_bound_tokens_per_s": bound, "reference_tokens_per_s": 900.0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=9.0, help="training budget of the demo AE")
+    p.add_argument("--steps", type=int, default=100000, help="step cap of the demo AE")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=8, help="sequences of 512 tokens per step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5, help="timed steps at the reference size")
+    p.add_argument("--data", type=Path, default=Path("data/shakespeare"))
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict = {}
+    if not args.skip_quality:
+        out["demo"] = quality(demo_dataset(args.data), args.minutes, args.steps, args.lr, args.batch)
+    if not args.skip_speed:
+        out["reference_speed"] = reference_speed(args.repeat)
+    path = write("autoencoder", out)
+    rows = []
+    if "demo" in out:
+        q = out["demo"]
+        rows += [
+            ["demo: held-out accuracy decoding μ", f"{100 * q['acc_mean']:.3f} %"],
+            ["demo: held-out accuracy decoding sampled z", f"{100 * q['acc_sample']:.3f} % (paper ≥ 99.9 %)"],
+            ["demo: mean σ", f"{q['sigma']:.3f}"],
+            ["demo: collapsed dimensions", f"{q['collapsed_dims']} / {q['latent_size']}"],
+            ["demo: training", f"{q['steps']} steps, {q['train_seconds'] / 60:.1f} min, {q['train_tokens_per_s']:.0f} tokens/s"],
+        ]
+    if "reference_speed" in out:
+        s = out["reference_speed"]
+        lo, hi = s["tokens_per_s_min_max"]
+        rows += [
+            ["reference size: training tokens/s", f"{s['tokens_per_s']:.0f} (min–max {lo:.0f}–{hi:.0f})"],
+            ["  vs the authors' ~900 tokens/s", f"{s['tokens_per_s'] / 900:.2f}×"],
+            ["  matmul GFLOP/s (share of 175 peak)", f"{s['achieved_gflops']:.0f} ({s['achieved_gflops'] / PEAK_GFLOPS:.0%})"],
+            ["  FLOP-bound tokens/s at 175 GFLOP/s", f"{s['flop_bound_tokens_per_s']:.0f}"],
+        ]
+    print(table(rows, ["figure", "value"]))
+    print(f"\nwritten to {path} ({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Evaluate a CALM or baseline checkpoint on held-out data: BrierLM (SPEC §3).
+
+Reports Brier-1..4 with standard errors and BrierLM = 100 · (Π Brier-n)^(1/4)
+(0 when any Brier-n ≤ 0). Baselines also report cross-entropy and perplexity;
+CALM models report their energy loss. Windows are consecutive blocks from the
+start of the split; --seed fixes every sample drawn.
+
+Examples:
+  calm eval --model runs/calm --data data/shakespeare
+  calm eval --model runs/base --data data/shakespeare --max-tokens 32768 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from calm.cli.common import add_runtime_flags
+from calm.errors import CalmError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="CALM or baseline run/checkpoint folder")
+    p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
+    p.add_argument("--split", default="val", help="dataset split: val (or validation) or train")
+    p.add_argument("--max-tokens", type=int, default=65536, help="evaluate at most this many tokens")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per window (default: the model's training block size, else 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model samples")
+    p.add_argument("--autoencoder", default=None,
+                   help="CALM: the autoencoder folder, if not where the checkpoint recorded it")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_runtime_flags(p)
+
+
+def _default_block(ckpt, model) -> int:
+    """The block size the model was trained with (state.json), else 512; within its context."""
+    block = 512
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        block = int(state["train_config"]["block_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if model.kind == "calm":
+        K = model.config.chunk_size
+        return min(block, model.config.backbone.max_seq_len * K) // K * K
+    return min(block, model.config.max_seq_len)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def run(args) -> int:
+    from calm.data import TokenDataset
+    from calm.evaluate import evaluate_model
+    from calm.loading import check_same_tokenizer, checkpoint_kind, load_model
+    from calm.runtime import pick_device, set_threads
+
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    ckpt, cfg = checkpoint_kind(args.model)
+    if cfg["kind"] == "autoencoder":
+        raise CalmError(f"{ckpt} is an autoencoder; evaluate it with `calm eval-ae`")
+    if cfg["kind"] == "calm" and args.autoencoder:
+        from calm.model import load_calm
+
+        model, ckpt, cfg = load_calm(ckpt, device, autoencoder_path=args.autoencoder)
+    else:
+        model, ckpt, cfg = load_model(ckpt, device)
+    dataset = TokenDataset(args.data)
+    check_same_tokenizer(cfg, dataset, ckpt)
+    block = args.block_size if args.block_size is not None else _default_block(ckpt, model)
+    r = evaluate_model(
+        model, dataset, args.split, block_size=block, batch_size=args.batch_size,
+        max_tokens=args.max_tokens, seed=args.seed, progress=not args.no_progress and not args.json,
+    )
+    r["checkpoint"] = str(ckpt)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    kind = r["kind"] + (f" (K={model.config.chunk_size})" if r["kind"] == "calm" else "")
+    print(f"checkpoint   {ckpt}")
+    print(f"model        {kind}")
+    print(f"data         {r['split']}: {r['tokens']} tokens in {r['windows']} windows of "
+          f"{r['block_size']}")
+    for n in range(1, 5):
+        print(f"Brier-{n}      {_fmt(r[f'brier_{n}'])} ± {_fmt(r[f'brier_{n}_se'])}"
+              f"   ({r[f'count_{n}']} n-grams)")
+    print(f"BrierLM      {_fmt(r['brier_lm'], 2)} ± {_fmt(r['brier_lm_se'], 2)}")
+    if "cross_entropy" in r:
+        print(f"cross-entropy {_fmt(r['cross_entropy'])} nats/token")
+        print(f"perplexity   {r['perplexity']:.2f}")
+    if "energy_loss" in r:
+        print(f"energy loss  {_fmt(r['energy_loss'])}")
+    return 0
