@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from calm.config import AutoencoderConfig
 from calm.layers import ResidualMLP, RMSNorm
+from calm.ops import linear_cross_entropy
 
 
 def kl_per_dim(mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -119,18 +119,18 @@ class Autoencoder(nn.Module):
         if self.training and p > 0:
             keep = torch.rand(z.shape, device=z.device, generator=generator) >= p
             z = z * keep / (1 - p)  # standard (inverted) dropout on the latent
-        logits = self.decode(z)  # (B, C, K, V)
-        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), chunks.reshape(-1))
+        h = self.decode_hidden(z)  # (B, C, K, d)
+        # Vocabulary projection (tied) and cross-entropy fused: no (B·T, V) logits kept.
+        ce, acc = linear_cross_entropy(h, self.embed.weight, chunks)
         kl = clipped_kl(mean.float(), log_std.float(), cfg.kl_clip).mean()
         loss = K * ce + cfg.kl_weight * kl
         with torch.no_grad():
-            acc = (logits.argmax(-1) == chunks).float().mean()
             raw_kl = kl_per_dim(mean.float(), log_std.float()).sum(-1)
             metrics = {
                 "loss": loss.detach(),
                 "ce": ce.detach(),
                 "kl": raw_kl.mean(),
-                "acc": acc,
+                "acc": acc.detach(),
                 "sigma": torch.exp(log_std.float()).mean(),
             }
         return loss, metrics

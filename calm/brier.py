@@ -14,6 +14,7 @@ Everything here is a pure function of tensors, so model drivers only call it:
 - ``token_model_brier``: a batched driver for any causal token model that accepts
   an attention mask and position ids (layout from ``rollout_layout``).
 - ``generic_two_sample_brier``: a driver for any sampler of n-grams.
+- ``sample_categorical``: one draw per row of a (..., V) distribution by its CDF.
 - ``BrierStats``: sums, sums of squares and counts per n, so evaluation can be
   sharded and reduced by summation (one all_reduce of ``to_tensor()``).
 """
@@ -189,6 +190,22 @@ def token_level_brier(
 # ---------------------------------------------------------------------------
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw from each row of probs (..., V) → (...,) long, by inverting the CDF.
+
+    One uniform number per row (``torch.multinomial`` draws one exponential per
+    vocabulary entry, most of a rollout step's time at V = 32k). The uniform is
+    scaled by the row's total, so rows need not sum to exactly 1; a zero-probability
+    entry is never drawn (the first entry whose CDF exceeds u is taken).
+    """
+    cdf = probs.cumsum(-1)  # (..., V)
+    u = torch.rand(probs.shape[:-1], generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = (u * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+
 class RolloutLayout(NamedTuple):
     """One sequence holding the true tokens and every position's own samples.
 
@@ -306,8 +323,7 @@ def token_model_estimates(
     same = agree[0]
     samples: list[torch.Tensor] = []
     for step in range(1, max_n):
-        V = probs.shape[-1]
-        s = torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(2 * B, P)
+        s = sample_categorical(probs, generator)  # (2B, P)
         samples.append(s)
         same = same & (s[:B] == s[B:])  # (B, P) the two sampled prefixes agree so far
         layout = rollout_layout(T, step, positions)

@@ -36,6 +36,10 @@ FORMAT_VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
+class NewerFormat(CalmError):
+    """A checkpoint written by a newer version of calm."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -193,7 +197,7 @@ def read_config(ckpt: str | Path) -> dict[str, Any]:
     if not isinstance(version, int):
         raise CalmError(f"{path} has no integer format_version")
     if version > FORMAT_VERSION:
-        raise CalmError(
+        raise NewerFormat(
             f"{ckpt} has checkpoint format {version}, newer than this calm understands "
             f"({FORMAT_VERSION}); upgrade calm"
         )
@@ -249,3 +253,144 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         return
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class CorruptCheckpoint(CalmError):
+    """A checkpoint folder that is incomplete or damaged (never loaded)."""
+
+
+TRAINING_FILES = ("model.safetensors", "config.json", "state.json", "optimizer.safetensors",
+                  "optimizer.json", "rng.safetensors")
+
+
+def _check_safetensors(path: Path) -> None:
+    # A full read: safetensors checks the header and that every tensor's bytes are there.
+    try:
+        load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptCheckpoint(f"{path} is corrupt or truncated: {e}") from None
+
+
+def _check_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{path} is not valid JSON: {e}") from None
+
+
+def validate_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """Check that a step directory holds everything a resume needs, undamaged.
+
+    Returns its config.json. Raises ``CorruptCheckpoint`` for a missing, truncated
+    or unparsable file, and a plain ``CalmError`` for a checkpoint written by a
+    newer calm (which must not be skipped silently in favour of an older one).
+    """
+    ckpt = Path(ckpt)
+    missing = [f for f in TRAINING_FILES if not (ckpt / f).is_file()]
+    if missing:
+        raise CorruptCheckpoint(f"{ckpt} is incomplete: {', '.join(missing)} missing")
+    _check_json(ckpt / "config.json")
+    try:
+        cfg = read_config(ckpt)
+    except NewerFormat:
+        raise
+    except CalmError as e:
+        raise CorruptCheckpoint(str(e)) from None
+    state = _check_json(ckpt / "state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"{ckpt}/state.json has no integer step")
+    meta = _check_json(ckpt / "optimizer.json")
+    if not isinstance(meta, dict) or "param_groups" not in meta:
+        raise CorruptCheckpoint(f"{ckpt}/optimizer.json has no param_groups")
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        _check_safetensors(ckpt / name)
+    return cfg
+
+
+def clean_partial_checkpoints(run_dir: str | Path) -> None:
+    """Remove the temporary folders of saves that a crash interrupted."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_valid_checkpoint(run_dir: str | Path, report=print) -> Path | None:
+    """The newest step directory of a run folder that passes ``validate_checkpoint``;
+    damaged ones are skipped, each with a message through ``report``."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            candidates.append((int(m.group(1)), p))
+    for _, p in sorted(candidates, reverse=True):
+        try:
+            validate_checkpoint(p)
+            return p
+        except CorruptCheckpoint as e:
+            report(f"skipping checkpoint {p.name}: {e}")
+    return None
+
+
+def resume_checkpoint(spec: str | Path, run_dir: str | Path, report=print) -> Path | None:
+    """Resolve ``--resume``: ``auto`` → the latest valid checkpoint of ``run_dir`` (None
+    when there is none yet); a run folder → its latest valid checkpoint; a step
+    directory → itself, which must be valid."""
+    if str(spec) == "auto":
+        return latest_valid_checkpoint(run_dir, report)
+    path = Path(spec)
+    if not path.exists():
+        raise CalmError(f"--resume {path}: no such checkpoint or run folder")
+    if (path / "config.json").is_file() and (path / "state.json").is_file():
+        validate_checkpoint(path)
+        return path
+    found = latest_valid_checkpoint(path, report)
+    if found is None:
+        raise CalmError(f"--resume {path}: no valid checkpoint found there")
+    return found
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+            if d:
+                return d
+        return None
+    if a != b:
+        return f"{where or 'value'} is {a!r} in the checkpoint, {b!r} now"
+    return None
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], ckpt: Path) -> None:
+    """Refuse to resume a checkpoint into a different model, autoencoder or dataset."""
+    if saved.get("kind") != current.get("kind"):
+        raise CalmError(
+            f"cannot resume {ckpt}: it holds a {saved.get('kind')} model, this run trains a "
+            f"{current.get('kind')} model"
+        )
+    old_data, new_data = saved.get("data") or {}, current.get("data") or {}
+    if old_data.get("tokenizer") != new_data.get("tokenizer"):
+        raise CalmError(
+            f"cannot resume {ckpt} on a different dataset: its tokenizer differs "
+            f"({str(old_data.get('tokenizer'))[:12]} vs {str(new_data.get('tokenizer'))[:12]})"
+        )
+    old_path, new_path = old_data.get("path"), new_data.get("path")
+    if old_path and new_path and Path(old_path).resolve() != Path(new_path).resolve():
+        raise CalmError(
+            f"cannot resume {ckpt} on a different dataset: it was trained on {old_path}, "
+            f"this run reads {new_path}"
+        )
+    d = _first_difference(saved.get("model"), current.get("model"))
+    if d:
+        raise CalmError(f"cannot resume {ckpt} with a different model config: {d}")
+    old_ae, new_ae = saved.get("autoencoder") or {}, current.get("autoencoder") or {}
+    if old_ae.get("sha256") != new_ae.get("sha256"):
+        raise CalmError(f"cannot resume {ckpt}: it was trained on top of a different autoencoder")

@@ -33,6 +33,7 @@ from calm.brier import (
     check_positions,
     generic_two_sample_brier,
     rollout_layout,
+    sample_categorical,
     token_level_brier,
 )
 from calm.errors import CalmError
@@ -117,8 +118,7 @@ def token_lm_estimates(
         same = agree[0]
         cache2.length = T  # forget the previous piece's samples
         for step in range(1, max_n):
-            V = probs.shape[-1]
-            s = torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(2 * B, Pc)
+            s = sample_categorical(probs, generator)  # (2B, Pc)
             same = same & (s[:B] == s[B:])  # (B, Pc) sampled prefixes agree so far
             new = slice(T + (step - 1) * Pc, T + step * Pc)  # this step's slots
             c = cache2

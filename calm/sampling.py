@@ -76,7 +76,8 @@ def exact_temperature_sample(
     max_calls: int | None = None,
     fallback: Fallback | None = None,
     device: torch.device | str | None = None,
-) -> tuple[Tensor, Tensor]:
+    with_payload: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Exact samples of P^{1/T} (Algorithm 1) for ``batch_size`` independent rows.
 
     ``draw(rows, m)`` gets a LongTensor of row indices (R,) on ``device`` and returns
@@ -90,6 +91,13 @@ def exact_temperature_sample(
     ``device`` (default: the generator's, else CPU) holds the per-row state.
 
     Returns ``(samples (B, L) long, calls (B,) long)``, calls[b] = draws row b consumed.
+
+    ``with_payload``: ``draw`` returns ``(outcomes (R, m, L), payload (R, m, ...))``
+    instead, the payload of each draw riding along uncompared (for CALM: the latent z
+    an outcome was decoded from), and a third output (B, ...) holds the payload of the
+    draw each row returned: the first of its n identical stage-1 draws (by
+    exchangeability, a draw of P(payload | outcome)). Rows taken by ``fallback`` keep
+    a zero payload.
     """
     n, alpha = split_inverse_temperature(temperature)
     if batch_size < 1:
@@ -105,15 +113,30 @@ def exact_temperature_sample(
     stage2 = torch.zeros(B, dtype=torch.bool, device=device)  # in the Bernoulli factory
     i = torch.zeros(B, dtype=torch.long, device=device)  # factory step, from 1
     calls = torch.zeros(B, dtype=torch.long, device=device)
-    # (B, L) outputs and stage-1 candidates, allocated once the first outcome gives L.
+    # (B, L) outputs and stage-1 candidates, allocated once the first outcome gives L;
+    # likewise (B, ...) payloads of the outputs and of the candidates.
     samples = cand = torch.empty(0)
+    payload = cand_payload = None
 
-    def finish(rows: Tensor, x: Tensor) -> None:
+    def call(rows: Tensor, m: int) -> tuple[Tensor, Tensor | None]:
+        nonlocal payload, cand_payload
+        out = draw(rows, m)
+        if not with_payload:
+            return out.to(device), None
+        x, p = out
+        if payload is None:
+            payload = torch.zeros(B, *p.shape[2:], dtype=p.dtype, device=device)
+            cand_payload = torch.zeros_like(payload)
+        return x.to(device), p.to(device)
+
+    def finish(rows: Tensor, x: Tensor, p: Tensor | None = None) -> None:
         nonlocal samples, cand
         if samples.dim() != 2:
             samples = torch.zeros(B, x.shape[-1], dtype=torch.long, device=device)
             cand = torch.zeros_like(samples)
         samples[rows] = x.to(device=device, dtype=torch.long)
+        if p is not None:
+            payload[rows] = p
         active[rows] = False
 
     while True:
@@ -137,30 +160,36 @@ def exact_temperature_sample(
 
         # Stage 1: n draws per row in one call; the trial survives iff all n are identical.
         if r1.numel() > 0:
-            x = draw(r1, n).to(device)  # (R1, n, L)
+            x, p = call(r1, n)  # (R1, n, L), (R1, n, ...) or None
             calls[r1] += n
             same = (x == x[:, :1]).all(dim=2).all(dim=1)  # (R1,)
             if alpha == 0.0:
-                finish(r1[same], x[same, 0])
+                finish(r1[same], x[same, 0], None if p is None else p[same, 0])
             else:
                 finish(r1[:0], x[:0, 0])  # only allocates the buffers on the first round
                 ok = r1[same]
                 cand[ok] = x[same, 0].long()
+                if p is not None:
+                    cand_payload[ok] = p[same, 0]
                 stage2[ok] = True
                 i[ok] = 1
 
         # Stage 2, a Bernoulli factory for P(x)^α: x' = x accepts; otherwise the trial
         # fails with probability α/i, else i += 1 and the row draws again next round.
         if r2.numel() > 0:
-            x = draw(r2, 1).to(device)[:, 0]  # (R2, L)
+            x, _ = call(r2, 1)
+            x = x[:, 0]  # (R2, L)
             calls[r2] += 1
             hit = (x == cand[r2]).all(dim=1)  # (R2,)
-            finish(r2[hit], cand[r2[hit]])
+            won = r2[hit]
+            finish(won, cand[won], None if payload is None else cand_payload[won])
             miss = r2[~hit]
             fail = _uniform((miss.numel(),), device, generator) < alpha / i[miss].double()
             stage2[miss[fail]] = False
             i[miss[~fail]] += 1
 
+    if with_payload:
+        return samples, calls, payload
     return samples, calls
 
 

@@ -128,9 +128,9 @@ def tiny_ae(ae_run):
 def make_calm(tiny_ae):
     """Factory: a fresh tiny CALM on the trained autoencoder.
 
-    ``random_head=True`` replaces the zero-initialised last head layer by random
-    weights, so that samples depend on the noise and on h (useful for generation
-    tests, where an untrained head would always output z = 0).
+    ``random_head=True`` gives the head large random weights (last layer included),
+    so that samples depend strongly on the noise and on h: an untrained head always
+    outputs z = 0, and a freshly initialised one barely depends on h.
     """
 
     def make(input_scheme: str = "discrete", *, seed: int = 0, random_head: bool = False,
@@ -150,8 +150,10 @@ def make_calm(tiny_ae):
         if random_head:
             g = torch.Generator().manual_seed(seed + 1)
             with torch.no_grad():
-                model.head.final_out.weight.normal_(0.0, 0.5, generator=g)
-                model.head.final_out.bias.normal_(0.0, 0.5, generator=g)
+                for m in model.head.modules():
+                    if isinstance(m, torch.nn.Linear):
+                        m.weight.normal_(0.0, 2.0 / m.in_features**0.5, generator=g)
+                        m.bias.normal_(0.0, 0.5, generator=g)
         return model.eval()
 
     return make

@@ -131,11 +131,28 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber an existing checkpoint; clear it (metrics included) on --overwrite."""
+def add_resume_flags(parser: argparse.ArgumentParser) -> None:
+    """Distribution, checkpoints and faults (calm.dist, calm.train)."""
+    g = parser.add_argument_group("distribution, checkpoints and faults")
+    g.add_argument("--dist", choices=["none", "ddp", "fsdp"], default=None,
+                   help="under torchrun: ddp (default when several processes run), fsdp or none")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint or run folder; auto: the latest valid "
+                        "checkpoint in --out (start afresh when there is none)")
+    g.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                   help="keep only the newest K checkpoints (0: all)")
+    g.add_argument("--max-bad-steps", type=int, default=10, metavar="N",
+                   help="stop after N steps in a row with a non-finite loss or gradient (0: never)")
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to clobber an existing checkpoint; clear it (metrics included) on --overwrite.
+    With ``resume`` an existing run folder is continued, not refused."""
     if out.exists() and not out.is_dir():
         raise CalmError(f"--out {out} exists and is not a folder")
-    if has_checkpoint(out):
+    if resume and overwrite:
+        raise CalmError("--resume and --overwrite contradict each other; pass one of them")
+    if has_checkpoint(out) and not resume:
         if not overwrite:
             raise CalmError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
         import shutil

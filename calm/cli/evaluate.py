@@ -79,7 +79,9 @@ def run(args) -> int:
     )
     r["checkpoint"] = str(ckpt)
     if args.json:
-        print(json.dumps(r))
+        # Strict JSON: an undefined figure (NaN standard error, infinite perplexity) is null.
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                          for k, v in r.items()}))
         return 0
     kind = r["kind"] + (f" (K={model.config.chunk_size})" if r["kind"] == "calm" else "")
     print(f"checkpoint   {ckpt}")

@@ -27,23 +27,57 @@ DEFAULT_BLOCK = 512  # the training commands' default block size
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="CALM or baseline run or checkpoint folder")
-    src.add_argument("--preset", choices=presets_of("transformer"), help="a backbone preset, no weights")
-    p.add_argument("--kind", choices=["calm", "baseline"], default="calm", help="with --preset: model kind")
-    p.add_argument("--vocab-size", type=int, default=None, help="with --preset: vocabulary size (default: the preset's)")
-    p.add_argument("--chunk-size", type=int, default=4, help="with --preset, CALM: K")
-    p.add_argument("--latent-size", type=int, default=None, help="with --preset, CALM: l (default: the autoencoder preset's)")
-    p.add_argument(
-        "--ae-preset", choices=presets_of("autoencoder"), default=None,
-        help="with --preset, CALM: autoencoder preset (default: the same name if one exists, else reference)",
+    src.add_argument(
+        "--preset", choices=presets_of("transformer"), help="a backbone preset, no weights"
     )
-    p.add_argument("--input-scheme", default="discrete", choices=["discrete", "continuous", "both"],
-                   help="with --preset, CALM: how the previous chunk enters")
+    p.add_argument(
+        "--kind", choices=["calm", "baseline"], default="calm", help="with --preset: model kind"
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="with --preset: vocabulary size (default: the preset's)",
+    )
+    p.add_argument("--chunk-size", type=int, default=4, help="with --preset, CALM: K")
+    p.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="with --preset, CALM: l (default: the autoencoder preset's)",
+    )
+    p.add_argument(
+        "--ae-preset",
+        choices=presets_of("autoencoder"),
+        default=None,
+        help="with --preset, CALM: autoencoder preset (default: the preset's name if it has one, "
+        "else reference)",
+    )
+    p.add_argument(
+        "--input-scheme",
+        default="discrete",
+        choices=["discrete", "continuous", "both"],
+        help="with --preset, CALM: how the previous chunk enters",
+    )
     g = p.add_argument_group("generative head (with --preset)")
-    add_config_flags(g, HeadConfig, prefix="head-", only=["noise_size", "width", "num_blocks", "num_samples", "num_targets"])
-    p.add_argument("--block-size", type=int, default=None,
-                   help="training tokens per sequence (default: the run's, else 512)")
-    p.add_argument("--context", type=int, default=None,
-                   help="inference context in tokens (default: the block size)")
+    add_config_flags(
+        g,
+        HeadConfig,
+        prefix="head-",
+        only=["noise_size", "width", "num_blocks", "num_samples", "num_targets"],
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="training tokens per sequence (default: the run's, else 512)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="inference context in tokens (default: the block size)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -61,7 +95,7 @@ def model_from_checkpoint(path):
     if kind == "calm" and ae_cfg is None:
         raise CalmError(f"{ckpt}/config.json does not record its autoencoder's config")
     model = build_for_counting(kind, cfg.get("model") or {}, ae_cfg)
-    block = ((read_state(ckpt).get("train_config") or {}).get("block_size"))
+    block = (read_state(ckpt).get("train_config") or {}).get("block_size")
     return model, ckpt, block
 
 
@@ -72,12 +106,24 @@ def model_from_preset(args):
     backbone = preset("transformer", args.preset, vocab_size=args.vocab_size)
     if args.kind == "baseline":
         return build_for_counting("baseline", backbone)
-    ae_name = args.ae_preset or (args.preset if args.preset in PRESETS["autoencoder"] else "reference")
-    ae = preset("autoencoder", ae_name, vocab_size=backbone.vocab_size, chunk_size=args.chunk_size,
-                latent_size=args.latent_size)
+    ae_name = args.ae_preset or (
+        args.preset if args.preset in PRESETS["autoencoder"] else "reference"
+    )
+    ae = preset(
+        "autoencoder",
+        ae_name,
+        vocab_size=backbone.vocab_size,
+        chunk_size=args.chunk_size,
+        latent_size=args.latent_size,
+    )
     head = dataclasses.replace(HeadConfig(), **overrides(args, HeadConfig, prefix="head-"))
-    cfg = CALMConfig(backbone=backbone, head=head, chunk_size=ae.chunk_size,
-                     latent_size=ae.latent_size, input_scheme=args.input_scheme)
+    cfg = CALMConfig(
+        backbone=backbone,
+        head=head,
+        chunk_size=ae.chunk_size,
+        latent_size=ae.latent_size,
+        input_scheme=args.input_scheme,
+    )
     return build_for_counting("calm", cfg, ae)
 
 
@@ -88,13 +134,18 @@ def _fmt_params(n: int) -> str:
 def format_breakdown(b: dict) -> str:
     """The breakdown of calm.flops.flops_breakdown as a plain-text table."""
     p = b["params"]
-    lines = [
-        f"model              {b['kind']}" + (f" (K={b['chunk_size']})" if b["kind"] == "calm" else ""),
-        f"parameters         {_fmt_params(p['trainable'])} trainable, {_fmt_params(p['non_embedding'])} "
-        f"non-embedding, {_fmt_params(p['total'])} total",
-    ]
+    kind = b["kind"] + (f" (K={b['chunk_size']})" if b["kind"] == "calm" else "")
+    counts = (
+        f"{_fmt_params(p['trainable'])} trainable, {_fmt_params(p['non_embedding'])} "
+        f"non-embedding, {_fmt_params(p['total'])} total"
+    )
+    lines = [f"model              {kind}", f"parameters         {counts}"]
     for key, title, at in (
-        ("training", "training FLOPs per token (forward + backward)", f"block {b['block_size']} tokens"),
+        (
+            "training",
+            "training FLOPs per token (forward + backward)",
+            f"block {b['block_size']} tokens",
+        ),
         ("inference", "inference FLOPs per generated token", f"context {b['context_len']} tokens"),
     ):
         total = b[key]["per_token"]

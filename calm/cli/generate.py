@@ -122,6 +122,8 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     n_new = sum(len(t) for t in out.tokens)
     if stream:
+        # The end: what was held back is not half a character any more; show it all.
+        sys.stdout.write(tok.decode(sofar)[shown[0] :])
         print()
         print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s, {out.steps} steps]",
               file=sys.stderr)

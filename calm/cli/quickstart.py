@@ -145,34 +145,8 @@ def run(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     report = out / "report.md"
-    try:
-        from calm.report import write_report
+    from calm.report import write_report
 
-        write_report(out)
-    except ImportError:
-        _plain_report(out, summary)
+    write_report(out)
     print(f"\nfinished in {summary['wall_minutes']:.1f} min; report: {report}", file=sys.stderr)
     return 0
-
-
-def _plain_report(out: Path, summary: dict) -> None:
-    """A short Markdown summary (the full report with plots is `calm report`)."""
-    ae = summary["autoencoder"]
-    lines = [
-        "# calm quickstart",
-        "",
-        f"Run folder: `{out}`; wall time {summary['wall_minutes']:.1f} min.",
-        "",
-        "## Autoencoder",
-        "",
-        f"- token accuracy decoding μ: {100 * ae['acc_mean']:.3f} %",
-        f"- token accuracy decoding a sampled z: {100 * ae['acc_sample']:.3f} %",
-        f"- mean σ: {ae['sigma']:.3f}; collapsed dimensions: {ae['collapsed_dims']}",
-        "",
-        "## Samples",
-        "",
-    ]
-    for s in summary["samples"]:
-        text = (s["prompt"] + s["text"]).replace("\n", " ")
-        lines.append(f"- **{s['model']}**, T={s['temperature']}: {text}")
-    (out / "report.md").write_text("\n".join(lines) + "\n")

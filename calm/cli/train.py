@@ -18,6 +18,7 @@ from pathlib import Path
 from calm.cli.common import (
     add_config_flags,
     add_output_flags,
+    add_resume_flags,
     add_runtime_flags,
     add_train_flags,
     overrides,
@@ -45,6 +46,7 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
     add_config_flags(g, TransformerConfig, skip=("vocab_size",))
     add_train_flags(p, defaults)
     add_runtime_flags(p)
+    add_resume_flags(p)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,15 +67,20 @@ def backbone_config(args, vocab_size: int) -> TransformerConfig:
 
 def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
     """Shared by `calm train` and `calm train-baseline`: assemble, train, report."""
-    from calm.data import BatchLoader, TokenDataset, eval_batches
+    import torch
+
+    from calm import dist
+    from calm.data import TokenDataset
     from calm.loading import check_same_tokenizer
     from calm.runtime import pick_device, seed_everything, set_threads
-    from calm.train import train
+    from calm.train import micro_batch_seed, prepare_run, sharded_batches, train
 
     set_threads(args.threads)
-    device = pick_device(args.device)
+    env = dist.setup(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group
+    device = env.device
     dataset = TokenDataset(args.data)
     tcfg = train_config(args, defaults)
+    limit = time_limit(args)  # checked before anything is written
     backbone = backbone_config(args, dataset.vocab_size)
     ckpt_cfg: dict = {"kind": kind, "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}}
 
@@ -108,10 +115,9 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
         ckpt_cfg.update(model=to_dict(backbone))
         chunk_size = 1
 
-    loader = BatchLoader(dataset, "train", tcfg.block_size, tcfg.batch_size, seed=tcfg.seed,
-                         chunk_size=chunk_size)
-    val = eval_batches(dataset, "val", tcfg.block_size, tcfg.batch_size, max_batches=tcfg.eval_batches)
-    prepare_out_dir(args.out, args.overwrite)
+    loader, val = sharded_batches(dataset, tcfg, chunk_size=chunk_size)
+    resume = prepare_run(lambda: prepare_out_dir(args.out, args.overwrite, resume=bool(args.resume)),
+                         args.resume, args.out)
     flops = None
     try:
         from calm.flops import training_flops_per_token
@@ -119,27 +125,34 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
         flops = training_flops_per_token(model, tcfg.block_size)
     except ImportError:
         pass
-    n = model.trainable_parameters()
-    print(f"{kind}: {n / 1e6:.2f}M trainable parameters, "
-          f"{tcfg.batch_size * tcfg.block_size * tcfg.grad_accum} tokens per step on {device}")
+    model = dist.wrap(model.to(device), dist.default_mode(args.dist, env.world_size), device)
+    n = dist.unwrap(model).trainable_parameters()
+    if env.is_main:
+        print(f"{kind}: {n / 1e6:.2f}M trainable parameters on {device}")
 
     def evaluate(m):
+        # Sums over rows, reduced across ranks by the loop; each batch draws its noise
+        # from its own seed, so validation figures do not depend on the world size.
         tot, cnt = 0.0, 0
-        for b in val:
-            loss, _ = m(b.to(device))
-            tot += float(loss)
-            cnt += 1
-        return {"loss": tot / max(cnt, 1)}
+        for j, b in zip(val.batch_ids, val):
+            g = torch.Generator(device=device).manual_seed(micro_batch_seed(tcfg.seed, -1 - j))
+            loss, _ = m(b.to(device), generator=g)
+            tot += float(loss) * len(b)
+            cnt += len(b)
+        return {"loss": (tot, cnt)}
 
     result = train(
         model, tcfg, iter(loader), run_dir=args.out, device=device, evaluate=evaluate,
         checkpoint_config=ckpt_cfg, tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
         flops_per_token=flops, progress=not args.no_progress, desc=f"train {kind}",
-        time_limit=time_limit(args),
+        time_limit=limit, resume=resume, keep_checkpoints=args.keep_checkpoints,
+        max_bad_steps=args.max_bad_steps,
     )
-    print(json.dumps({"step": result.step, **{k: round(v, 5) for k, v in result.last_metrics.items()},
-                      **result.last_eval, "tokens_per_s": round(result.tokens_per_second, 1),
-                      "checkpoint": str(result.checkpoint)}))
+    if env.is_main:
+        print(json.dumps({"step": result.step, **{k: round(v, 5) for k, v in result.last_metrics.items()},
+                          **result.last_eval, "tokens_per_s": round(result.tokens_per_second, 1),
+                          "checkpoint": str(result.checkpoint)}))
+    dist.cleanup()
     return 0
 
 

@@ -17,6 +17,7 @@ from calm.autoencoder import Autoencoder, health
 from calm.cli.common import (
     add_config_flags,
     add_output_flags,
+    add_resume_flags,
     add_runtime_flags,
     add_train_flags,
     overrides,
@@ -26,10 +27,11 @@ from calm.cli.common import (
     train_config,
 )
 from calm.config import AutoencoderConfig, TrainConfig, preset, to_dict
-from calm.data import BatchLoader, TokenDataset, eval_batches
+from calm import dist
+from calm.data import TokenDataset
 from calm.errors import CalmError
 from calm.runtime import pick_device, seed_everything, set_threads
-from calm.train import train
+from calm.train import prepare_run, sharded_batches, train
 
 # The autoencoder is context-free, so the block only sets how many chunks a step sees.
 DEFAULTS = TrainConfig(
@@ -46,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_flags(g, AutoencoderConfig, skip=("vocab_size",))
     add_train_flags(p, DEFAULTS)
     add_runtime_flags(p)
+    add_resume_flags(p)
 
 
 def build_config(args, vocab_size: int) -> AutoencoderConfig:
@@ -58,26 +61,29 @@ def build_config(args, vocab_size: int) -> AutoencoderConfig:
 
 def run(args) -> int:
     set_threads(args.threads)
-    device = pick_device(args.device)
+    env = dist.setup(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group
+    device = env.device
     dataset = TokenDataset(args.data)
     cfg = build_config(args, dataset.vocab_size)
     tcfg = train_config(args, DEFAULTS)
+    limit = time_limit(args)  # checked before anything is written
     if tcfg.block_size % cfg.chunk_size:
         raise CalmError(
             f"block size {tcfg.block_size} is not divisible by K={cfg.chunk_size}"
         )
-    loader = BatchLoader(
-        dataset, "train", tcfg.block_size, tcfg.batch_size, seed=tcfg.seed, chunk_size=cfg.chunk_size
-    )
-    val = eval_batches(dataset, "val", tcfg.block_size, tcfg.batch_size, max_batches=tcfg.eval_batches)
-    prepare_out_dir(args.out, args.overwrite)
+    loader, val = sharded_batches(dataset, tcfg, chunk_size=cfg.chunk_size)
+    resume = prepare_run(lambda: prepare_out_dir(args.out, args.overwrite, resume=bool(args.resume)),
+                         args.resume, args.out)
     seed_everything(tcfg.seed)
     model = Autoencoder(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"autoencoder: {n_params / 1e6:.2f}M parameters, K={cfg.chunk_size}, latent {cfg.latent_size}, "
-          f"{tcfg.batch_size * tcfg.block_size * tcfg.grad_accum} tokens per step on {device}")
+    if env.is_main:
+        print(f"autoencoder: {n_params / 1e6:.2f}M parameters, K={cfg.chunk_size}, "
+              f"latent {cfg.latent_size}, on {device}")
+    model = dist.wrap(model.to(device), dist.default_mode(args.dist, env.world_size), device)
 
     def evaluate(m):
+        # Each rank scores its share of the validation batches; the loop averages ranks.
         h = health(m, val)
         return {k: h[k] for k in ("acc_mean", "acc_sample", "sigma", "collapsed_dims")}
 
@@ -86,9 +92,12 @@ def run(args) -> int:
         checkpoint_config={"kind": "autoencoder", "model": to_dict(cfg),
                            "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}},
         tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
-        progress=not args.no_progress, desc="train-ae", time_limit=time_limit(args),
+        progress=not args.no_progress, desc="train-ae", time_limit=limit,
+        resume=resume, keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
     )
-    print(json.dumps({"step": result.step, **result.last_eval,
-                      "tokens_per_s": round(result.tokens_per_second, 1),
-                      "checkpoint": str(result.checkpoint)}))
+    if env.is_main:
+        print(json.dumps({"step": result.step, **result.last_eval,
+                          "tokens_per_s": round(result.tokens_per_second, 1),
+                          "checkpoint": str(result.checkpoint)}))
+    dist.cleanup()
     return 0

@@ -76,7 +76,9 @@ class ConditionedMLP(nn.Module):
         self.latent_size = latent_size
         self.width = width
         self.cond_proj = nn.Linear(hidden_size, width)
-        self.time_mlp = nn.Sequential(nn.Linear(FREQ_SIZE, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(FREQ_SIZE, width), nn.SiLU(), nn.Linear(width, width)
+        )
         self.input_proj = nn.Linear(latent_size, width)
         self.blocks = nn.ModuleList(_AdaLNBlock(width) for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(width, eps=LN_EPS, elementwise_affine=False)

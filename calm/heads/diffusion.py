@@ -37,6 +37,7 @@ from calm.heads.conditioning import ConditionedMLP
 TRAIN_STEPS = 1000
 COSINE_S = 0.008
 MAX_BETA = 0.999
+CLIP_DENOISED = 10.0  # bound on x̂_0 at sampling, far beyond unit-scale latents
 
 
 def cosine_alpha_bar(num_steps: int = TRAIN_STEPS, s: float = COSINE_S) -> torch.Tensor:
@@ -56,7 +57,8 @@ def respace(alpha_bar: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Te
     T = alpha_bar.shape[0]
     if not 1 <= steps <= T:
         raise CalmError(f"diffusion: sampling steps must be in 1 … {T}, got {steps}")
-    timesteps = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    # Spaced down from T − 1, so that a single step still starts from pure noise.
+    timesteps = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().flip(0)
     ab = alpha_bar[timesteps]
     prev = torch.cat([ab.new_ones(1), ab[:-1]])
     return timesteps, 1 - ab / prev
@@ -67,29 +69,41 @@ def ddpm_sample(
     x: torch.Tensor,
     betas: torch.Tensor,
     *,
+    clip_denoised: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Ancestral DDPM from x at the last step down to the data, given ε̂ = eps_fn(x, k).
 
-    betas (K,) of the (respaced) chain, k = K−1 … 0 the chain index passed to eps_fn.
-    Mean μ = (x − β_k/√(1 − ᾱ_k)·ε̂)/√α_k, variance β̃_k = β_k(1 − ᾱ_{k−1})/(1 − ᾱ_k).
+    betas (K,) of the (respaced) chain; k = K−1 … 0 is the chain index passed to eps_fn.
+    Each step: x̂_0 = (x − √(1 − ᾱ_k)·ε̂)/√ᾱ_k, clamped to ±clip_denoised when given;
+    x ← c1·x̂_0 + c2·x + √β̃_k·noise with the Gaussian posterior q(x_{k−1} | x_k, x̂_0):
+    c1 = √ᾱ_{k−1}·β_k/(1 − ᾱ_k), c2 = √α_k·(1 − ᾱ_{k−1})/(1 − ᾱ_k),
+    β̃_k = β_k·(1 − ᾱ_{k−1})/(1 − ᾱ_k) (0 at k = 0: the last step adds no noise).
     """
     betas = betas.to(torch.float64)
     alphas = 1 - betas
     ab = torch.cumprod(alphas, dim=0)
     ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    # Per-step scalars in float64 on the CPU, then one copy to x's device.
-    eps_coef = betas / (1 - ab).sqrt()
-    inv_sqrt_alpha = alphas.rsqrt()
-    sigma = (betas * (1 - ab_prev) / (1 - ab)).sqrt()  # 0 at k = 0
-    table = torch.stack([eps_coef, inv_sqrt_alpha, sigma]).to(torch.float32).to(x.device)
+    # Per-step scalars in float64 on the CPU, then one float32 copy to x's device.
+    table = torch.stack(
+        [
+            ab.rsqrt(),  # 1/√ᾱ
+            (1 / ab - 1).sqrt(),  # √(1 − ᾱ)/√ᾱ
+            ab_prev.sqrt() * betas / (1 - ab),  # c1
+            alphas.sqrt() * (1 - ab_prev) / (1 - ab),  # c2
+            (betas * (1 - ab_prev) / (1 - ab)).sqrt(),  # √β̃
+        ]
+    )
+    table = table.to(torch.float32).to(x.device)  # (5, K)
     for k in range(betas.shape[0] - 1, -1, -1):
-        e_c, inv_a, sig = table[:, k].to(x.dtype)
-        eps = eps_fn(x, k)
-        x = (x - e_c * eps) * inv_a
+        inv_sqrt_ab, eps_scale, c1, c2, sigma = table[:, k].to(x.dtype)
+        x0 = x * inv_sqrt_ab - eps_scale * eps_fn(x, k)
+        if clip_denoised is not None:
+            x0 = x0.clamp(-clip_denoised, clip_denoised)
+        x = c1 * x0 + c2 * x
         if k > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + sig * noise
+            x = x + sigma * noise
     return x
 
 
@@ -106,6 +120,7 @@ class DiffusionHead(GenerativeHead):
         num_samples: int = 8,
         steps: int = 100,
         train_steps: int = TRAIN_STEPS,
+        clip_denoised: float | None = CLIP_DENOISED,
     ):
         super().__init__(hidden_size, latent_size)
         width = width or hidden_size
@@ -123,6 +138,7 @@ class DiffusionHead(GenerativeHead):
         self.num_samples = num_samples
         self.steps = steps
         self.train_steps = train_steps
+        self.clip_denoised = clip_denoised
         self.net = ConditionedMLP(hidden_size, latent_size, width, num_blocks)
         # Plain attributes, not buffers: not in the state dict, never cast to bf16.
         self.alpha_bar = cosine_alpha_bar(train_steps)  # (T,) float64, CPU
@@ -172,7 +188,7 @@ class DiffusionHead(GenerativeHead):
                 f" do not match hidden states {tuple(h.shape)} (want {want})"
             )
         shape = (*want[:-1], self.num_samples, self.latent_size)  # (..., N, l)
-        kw = dict(generator=generator, device=h.device)
+        kw = {"generator": generator, "device": h.device}
         i = torch.randint(0, self.train_steps, shape[:-1], **kw)  # (..., N)
         eps = torch.randn(shape, dtype=torch.float32, **kw)
         noise = torch.randn(shape, dtype=torch.float32, **kw)
@@ -202,7 +218,9 @@ class DiffusionHead(GenerativeHead):
         def eps_fn(x: torch.Tensor, k: int) -> torch.Tensor:
             return self.net(x, times[k], c)
 
-        return ddpm_sample(eps_fn, x, self.betas, generator=generator)
+        return ddpm_sample(
+            eps_fn, x, self.betas, clip_denoised=self.clip_denoised, generator=generator
+        )
 
     def flops_per_sample(self) -> int:
         return self.net.flops_per_evaluation()

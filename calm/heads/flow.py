@@ -78,7 +78,9 @@ class FlowHead(GenerativeHead):
         if steps < 1:
             raise CalmError(f"flow head: flow_steps must be at least 1, got {steps}")
         if solver not in SOLVERS:
-            raise CalmError(f"flow head: unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+            raise CalmError(
+                f"flow head: unknown solver {solver!r}; choose from {', '.join(SOLVERS)}"
+            )
         self.width = width
         self.num_samples = num_samples
         self.steps = steps
@@ -122,7 +124,7 @@ class FlowHead(GenerativeHead):
                 f" do not match hidden states {tuple(h.shape)} (want {want})"
             )
         shape = (*want[:-1], self.num_samples, self.latent_size)  # (..., N, l)
-        kw = dict(generator=generator, device=h.device, dtype=torch.float32)
+        kw = {"generator": generator, "device": h.device, "dtype": torch.float32}
         t = torch.rand(shape[:-1], **kw)  # (..., N)
         x0 = torch.randn(shape, **kw)
         eps = torch.randn(shape, **kw)

@@ -1,0 +1,197 @@
+"""The quickstart's report: Markdown with PNG plots, built from a run folder's files.
+
+Reads what the pipeline wrote — ``autoencoder_eval.json``, each model's
+``metrics.jsonl`` and ``eval.json``, ``samples.json``, ``summary.json`` — and
+writes ``report.md`` plus plots beside it. Every figure comes from those files;
+a figure that was not measured is shown as "–", never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from calm.errors import CalmError
+
+MODELS = ("calm", "baseline")
+LABEL = {"calm": "CALM (K=4)", "baseline": "Transformer baseline"}
+COLOR = {"calm": "tab:blue", "baseline": "tab:orange"}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CalmError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: skip it
+    return rows
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CalmError("plots need matplotlib: pip install 'calm-lm[plot]'") from None
+    return plt
+
+
+def _fmt(x, spec=".3f", dash="–"):
+    return dash if x is None else format(x, spec)
+
+
+def plot_robustness(ae_eval: dict, path: Path) -> None:
+    plt = _plt()
+    xs = [r["noise"] for r in ae_eval["robustness"]]
+    ys = [100 * r["acc"] for r in ae_eval["robustness"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(xs, ys, marker="o", color="tab:green")
+    ax.set_xlabel("std of extra Gaussian noise added to a sampled z")
+    ax.set_ylabel("token accuracy (%)")
+    ax.set_title("Autoencoder robustness (held-out data)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
+    """Training and validation loss of each model against training FLOPs (own units)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for ax, kind in zip(axes, MODELS):
+        rows = metrics.get(kind) or []
+        tr = [(r["train_flops"], r["loss"]) for r in rows if "train_flops" in r and "loss" in r]
+        flops_at = {r["step"]: r["train_flops"] for r in rows if "train_flops" in r}
+        va = [(flops_at[r["step"]], r["val/loss"]) for r in rows
+              if "val/loss" in r and r["step"] in flops_at]
+        if tr:
+            ax.plot(*zip(*tr), color=COLOR[kind], alpha=0.6, label="training")
+        if va:
+            ax.plot(*zip(*va), "o-", color="black", label="validation")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("energy loss" if kind == "calm" else "cross-entropy (nats/token)")
+        ax.set_title(LABEL[kind])
+        ax.grid(alpha=0.3)
+        if tr or va:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_brier(metrics: dict[str, list[dict]], path: Path) -> bool:
+    """BrierLM and Brier-1…4 against training FLOPs, if validation recorded them."""
+    plt = _plt()
+    have = False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    for kind in MODELS:
+        rows = metrics.get(kind) or []
+        flops_at = {r["step"]: r["train_flops"] for r in rows if "train_flops" in r}
+        pts = [r for r in rows if "val/brier_lm" in r and r["step"] in flops_at]
+        if not pts:
+            continue
+        have = True
+        x = [flops_at[r["step"]] for r in pts]
+        axes[0].plot(x, [r["val/brier_lm"] for r in pts], "o-", color=COLOR[kind], label=LABEL[kind])
+        for n, style in zip(range(1, 5), ("-", "--", "-.", ":")):
+            axes[1].plot(x, [r[f"val/brier_{n}"] for r in pts], style, color=COLOR[kind],
+                         label=f"{LABEL[kind]}, Brier-{n}")
+    axes[0].set_title("BrierLM (higher is better)")
+    axes[0].set_ylabel("BrierLM")
+    axes[1].set_title("Brier-n (higher is better)")
+    axes[1].set_ylabel("Brier-n")
+    for ax in axes:
+        ax.set_xlabel("training FLOPs")
+        ax.grid(alpha=0.3)
+        if have:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if have:
+        fig.savefig(path)
+    plt.close(fig)
+    return have
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise CalmError(f"{run} is not a folder")
+    ae_eval = _read_json(run / "autoencoder_eval.json")
+    summary = _read_json(run / "summary.json") or {}
+    samples = _read_json(run / "samples.json") or []
+    metrics = {k: read_metrics(run / k) for k in MODELS}
+    evals = {k: _read_json(run / k / "eval.json") for k in MODELS}
+    lines = ["# calm quickstart report", ""]
+    if summary.get("wall_minutes"):
+        lines += [f"Pipeline wall time: {summary['wall_minutes']:.1f} min "
+                  f"(budget {summary.get('minutes', '–')} min). Run folder: `{run}`.", ""]
+
+    lines += ["## Autoencoder", ""]
+    if ae_eval:
+        plot_robustness(ae_eval, run / "robustness.png")
+        lines += [
+            "| figure | value |", "|---|---|",
+            f"| token accuracy decoding μ | {100 * ae_eval['acc_mean']:.3f} % |",
+            f"| token accuracy decoding a sampled z | {100 * ae_eval['acc_sample']:.3f} % |",
+            f"| mean σ | {ae_eval['sigma']:.3f} |",
+            f"| collapsed dimensions | {ae_eval['collapsed_dims']} / {ae_eval['latent_size']} |",
+            f"| held-out tokens | {ae_eval['tokens']} |",
+            "", "![autoencoder robustness](robustness.png)", "",
+        ]
+    else:
+        lines += ["No autoencoder evaluation found.", ""]
+
+    lines += ["## Training", ""]
+    if any(metrics.values()):
+        plot_training(metrics, run / "training.png")
+        lines += ["![training curves](training.png)", ""]
+    if plot_brier(metrics, run / "brier.png"):
+        lines += ["![BrierLM during training](brier.png)", ""]
+
+    lines += ["## Comparison", ""]
+    lines += ["| model | BrierLM | Brier-1 | Brier-2 | Brier-3 | Brier-4 | perplexity | generation tokens/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for kind in MODELS:
+        e = evals.get(kind) or {}
+        tps = [s["tokens_per_s"] for s in samples if s.get("model") == kind and s.get("temperature") == 1.0]
+        cells = [LABEL[kind], _fmt(e.get("brier_lm"), ".2f")]
+        for n in range(1, 5):
+            v, se = e.get(f"brier_{n}"), e.get(f"brier_{n}_se")
+            cells.append("–" if v is None else f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}")
+        cells += [_fmt(e.get("perplexity"), ".2f"), _fmt(tps[0] if tps else None, ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Brier-n and BrierLM: higher is better; BrierLM is 0 when any Brier-n ≤ 0 "
+              "(an undertrained model), so each Brier-n is shown beside it.", ""]
+    try:
+        from calm.cli.compare import compare_table
+
+        lines += [compare_table([run / k for k in MODELS if (run / k).is_dir()]), ""]
+    except ImportError:
+        pass
+
+    lines += ["## Samples", ""]
+    for s in samples:
+        text = (s["prompt"] + s["text"]).replace("\n", " ⏎ ")
+        lines.append(f"- **{LABEL.get(s['model'], s['model'])}**, T = {s['temperature']}: {text}")
+    out = run / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

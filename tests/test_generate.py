@@ -1,0 +1,256 @@
+"""Generation (SPEC §2 "Inference"): KV cache vs full recomputation, batching, stopping, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import calm.generate as gen
+from calm.baseline import TokenLM
+from calm.config import preset
+from calm.errors import CalmError
+from calm.generate import generate, head_sample_chooser
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+K = 4  # the tiny autoencoder's chunk size
+
+
+@pytest.fixture(scope="module")
+def calm_models(make_calm):
+    return {s: make_calm(s, seed=3, random_head=True) for s in ("discrete", "continuous", "both")}
+
+
+@pytest.fixture(scope="module")
+def token_lm():
+    torch.manual_seed(0)
+    model = TokenLM(preset("transformer", "tiny", vocab_size=300)).eval()
+    with torch.no_grad():  # sharper logits than the small init: argmax depends on the input
+        model.lm_head.weight.normal_(0.0, 1.0)
+    return model
+
+
+def fixed_noise_chooser(model, record: list | None = None):
+    """Deterministic per row: the head's output at noise u = 0, decoded by the autoencoder."""
+
+    def choose(h):
+        if record is not None:
+            record.append(h.clone())
+        u = torch.zeros(*h.shape[:-1], 1, model.head.noise_size)
+        z = model.head(h, u)[..., 0, :]  # (B, l)
+        return model.autoencoder.decode_tokens(z), z
+
+    return choose
+
+
+def recording(chooser, record: list):
+    def choose(h):
+        record.append(h.clone())
+        return chooser(h)
+
+    return choose
+
+
+def reference_calm(model, prompt, steps, generator):
+    """No cache: recompute the backbone over the whole chunk sequence at every step.
+
+    The prompt is right-aligned in its chunks; leading absent slots read the pad
+    embedding. Draws the same head noise as the default chooser (one per step).
+    """
+    pad = (-len(prompt)) % K
+    chunks = torch.tensor([[0] * pad + list(prompt)]).view(1, -1, K)  # (1, C, K)
+    known = torch.tensor([[False] * pad + [True] * len(prompt)]).view(1, -1, K)
+    latents = None
+    if model.config.input_scheme != "discrete":
+        latents = model.autoencoder.encode(chunks)[0]  # (1, C, l)
+    out, hs = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            h = model.backbone(model.inputs(chunks, latents, known))[:, -1]  # (1, d)
+            hs.append(h)
+            z = model.head.sample(h, generator=generator)  # (1, l)
+            tok = model.autoencoder.decode_tokens(z)  # (1, K)
+            out += tok[0].tolist()
+            chunks = torch.cat([chunks, tok[:, None]], 1)
+            known = torch.cat([known, torch.ones(1, 1, K, dtype=torch.bool)], 1)
+            if latents is not None:
+                latents = torch.cat([latents, z[:, None]], 1)
+    return out, hs
+
+
+# ---------------------------------------------------------------------- CALM
+
+
+@pytest.mark.parametrize("scheme", ["discrete", "continuous", "both"])
+@pytest.mark.parametrize("prompt_len", [8, 5, 1])
+def test_calm_cache_equals_full_recompute(calm_models, scheme, prompt_len):
+    model = calm_models[scheme]
+    prompt = [(7 * i + 3) % 290 + 1 for i in range(prompt_len)]
+    steps = 6
+    want, want_h = reference_calm(model, prompt, steps, torch.Generator().manual_seed(4))
+    hs: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(4)
+    out = generate(model, [prompt], max_new_tokens=steps * K, generator=g,
+                   chooser=recording(head_sample_chooser(model, g), hs))
+    assert out.steps == steps and len(hs) == steps
+    for a, b in zip(hs, want_h):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert out.tokens == [want]
+    assert len(set(want)) > 2  # the random head makes a non-trivial continuation
+
+
+@pytest.mark.parametrize("scheme", ["discrete", "continuous", "both"])
+def test_calm_batch_equals_single_prompts(calm_models, scheme):
+    model = calm_models[scheme]
+    prompts = [[5, 9, 11], list(range(20, 30)), [42], [1, 2, 3, 4, 5, 6, 7, 8], [17, 18, 19, 20, 21]]
+    batch_h: list[torch.Tensor] = []
+    batch = generate(model, prompts, max_new_tokens=10,
+                     chooser=fixed_noise_chooser(model, batch_h))
+    for b, p in enumerate(prompts):
+        hs: list[torch.Tensor] = []
+        single = generate(model, [p], max_new_tokens=10, chooser=fixed_noise_chooser(model, hs))
+        assert batch.tokens[b] == single.tokens[0], b
+        for step, h in enumerate(hs):
+            torch.testing.assert_close(batch_h[step][b], h[0], rtol=1e-4, atol=1e-5)
+    assert len({tuple(t) for t in batch.tokens}) > 1
+
+
+def test_calm_seeded_sampling_is_reproducible(calm_models):
+    model = calm_models["discrete"]
+    run = lambda s: generate(model, [[3, 4, 5]], max_new_tokens=16,  # noqa: E731
+                             generator=torch.Generator().manual_seed(s)).tokens
+    assert run(1) == run(1)
+    assert run(1) != run(2)  # the noise matters: the head is not deterministic
+
+
+def eot_chooser(model, eot, at_step, row_steps=None):
+    """Emit ``eot`` at slot 2 of step ``at_step`` (per row: ``row_steps[b]``; None = never)."""
+    base = fixed_noise_chooser(model)
+    step = [0]
+
+    def choose(h):
+        tokens, z = base(h)
+        tokens = tokens.clone()
+        for b in range(tokens.shape[0]):
+            s = at_step if row_steps is None else row_steps[b]
+            if s == step[0]:
+                tokens[b, 2] = eot
+        step[0] += 1
+        return tokens, z
+
+    return choose
+
+
+def test_calm_stops_at_end_of_text(calm_models):
+    model = calm_models["discrete"]
+    free = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], max_new_tokens=40,
+                    chooser=fixed_noise_chooser(model))
+    eot = max(set(range(300)) - set(sum(free.tokens, [])))  # an id the model never emits here
+    out = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], max_new_tokens=40, eot_id=eot,
+                   chooser=eot_chooser(model, eot, at_step=None, row_steps=[1, None]))
+    # Row 0: one whole chunk, then 3 tokens of the second, the last being end-of-text.
+    assert out.tokens[0] == free.tokens[0][: K + 2] + [eot]
+    # Row 1 is unaffected and runs to the budget; the loop stops when every row is done.
+    assert out.tokens[1] == free.tokens[1]
+    assert out.steps == math.ceil(40 / K)
+    both = generate(model, [[1, 2, 3], [4, 5, 6, 7, 8, 9]], max_new_tokens=40, eot_id=eot,
+                    chooser=eot_chooser(model, eot, at_step=2))
+    assert both.steps == 3 and [len(t) for t in both.tokens] == [2 * K + 3, 2 * K + 3]
+    assert all(t[-1] == eot for t in both.tokens)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 13])
+def test_calm_max_new_tokens_exact(calm_models, n):
+    model = calm_models["discrete"]
+    streamed: list[list[int]] = [[], []]
+
+    def on_step(added):
+        for b, a in enumerate(added):
+            streamed[b].extend(a)
+
+    out = generate(model, [[1, 2], [3, 4, 5, 6, 7]], max_new_tokens=n,
+                   generator=torch.Generator().manual_seed(0), on_step=on_step)
+    assert [len(t) for t in out.tokens] == [n, n]
+    assert out.steps == math.ceil(n / K)
+    assert streamed == out.tokens
+
+
+def test_calm_input_errors(calm_models):
+    model = calm_models["discrete"]
+    limit = model.config.backbone.max_seq_len * K  # tokens
+    with pytest.raises(CalmError, match="context"):
+        generate(model, [[1] * (limit + 1)], max_new_tokens=1)
+    with pytest.raises(CalmError, match="context"):
+        generate(model, [[1] * (limit - K)], max_new_tokens=2 * K)  # prompt + new too long
+    generate(model, [[1] * (limit - K)], max_new_tokens=K)  # exactly fits
+    with pytest.raises(CalmError, match="empty prompt"):
+        generate(model, [[1, 2], []])
+    with pytest.raises(CalmError, match="no prompt"):
+        generate(model, [])
+    for t in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(CalmError, match="temperature"):
+            generate(model, [[1, 2]], temperature=t)
+    with pytest.raises(CalmError, match="max new tokens"):
+        generate(model, [[1, 2]], max_new_tokens=0)
+
+
+# ---------------------------------------------------------------------- baseline
+
+
+@pytest.fixture
+def greedy(monkeypatch):
+    monkeypatch.setattr(gen, "sample_logits", lambda logits, t, g=None: logits.argmax(-1))
+
+
+def reference_greedy(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model.logits(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_baseline_cache_and_batch_equal_full_recompute(token_lm, greedy):
+    prompts = [[5, 9, 11], list(range(20, 30)), [42], [100, 101, 102, 103, 104]]
+    out = generate(token_lm, prompts, max_new_tokens=9)
+    for b, p in enumerate(prompts):
+        want = reference_greedy(token_lm, p, 9)
+        assert out.tokens[b] == want, b
+        assert generate(token_lm, [p], max_new_tokens=9).tokens[0] == want
+    assert len(set(sum(out.tokens, []))) > 3
+
+
+def test_baseline_stops_at_eot_and_budget(token_lm, greedy):
+    prompts = [[5, 9, 11], list(range(20, 30))]
+    free = generate(token_lm, prompts, max_new_tokens=12)
+    assert [len(t) for t in free.tokens] == [12, 12] and free.steps == 12
+    eot = free.tokens[0][4]
+    k = free.tokens[0].index(eot)
+    out = generate(token_lm, prompts, max_new_tokens=12, eot_id=eot)
+    assert out.tokens[0] == free.tokens[0][: k + 1]
+    row1 = free.tokens[1]
+    assert out.tokens[1] == (row1[: row1.index(eot) + 1] if eot in row1 else row1)
+
+
+def test_baseline_temperature_sampling_reproducible(token_lm):
+    run = lambda s, t=1.0: generate(token_lm, [[1, 2, 3]], max_new_tokens=20, temperature=t,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(s)).tokens
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+    # A tiny temperature is greedy decoding.
+    assert run(0, 1e-4)[0] == reference_greedy(token_lm, [1, 2, 3], 20)
+
+
+def test_baseline_input_errors(token_lm):
+    limit = token_lm.config.max_seq_len
+    with pytest.raises(CalmError, match="context"):
+        generate(token_lm, [[1] * (limit + 1)], max_new_tokens=1)
+    with pytest.raises(CalmError, match="context"):
+        generate(token_lm, [[1] * limit], max_new_tokens=1)
+    with pytest.raises(CalmError, match="empty prompt"):
+        generate(token_lm, [[]])
+    for t in (0.0, 2.0, -1.0):
+        with pytest.raises(CalmError, match="temperature"):
+            generate(token_lm, [[1]], temperature=t)
