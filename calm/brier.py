@@ -190,7 +190,9 @@ def token_level_brier(
 # ---------------------------------------------------------------------------
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One draw from each row of probs (..., V) → (...,) long, by inverting the CDF.
 
     One uniform number per row (``torch.multinomial`` draws one exponential per
@@ -273,7 +275,8 @@ def check_positions(T: int, max_n: int, positions: torch.Tensor | None, device) 
     positions = positions.to(device=device, dtype=torch.long).reshape(-1)
     if positions.numel() == 0 or positions.min() < 0 or positions.max() > T - 1 - max_n:
         raise CalmError(
-            f"evaluation positions must lie in 0..{T - 1 - max_n} for {T} tokens and n up to {max_n}"
+            f"evaluation positions must lie in 0..{T - 1 - max_n} for {T} tokens "
+            f"and n up to {max_n}"
         )
     return positions
 

@@ -14,6 +14,12 @@ A run folder looks like::
 
 A checkpoint is first written to a hidden temporary folder beside its final
 name and renamed into place, so a crash never leaves a half-written one.
+
+Resuming (``resume_checkpoint``) takes the newest step directory that passes
+``validate_checkpoint``: every file present, JSON parsable, safetensors headers
+covering their files exactly; a damaged one is skipped with a message, never
+loaded. Nothing is ever unpickled: weights, optimizer moments and RNG states are
+safetensors, the rest JSON (configs validated by ``calm.config.from_dict``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from calm.errors import CalmError
@@ -267,9 +273,11 @@ TRAINING_FILES = ("model.safetensors", "config.json", "state.json", "optimizer.s
 
 
 def _check_safetensors(path: Path) -> None:
-    # A full read: safetensors checks the header and that every tensor's bytes are there.
+    # Opening checks the header and that the tensors cover the file exactly (a
+    # truncated or padded file fails) without reading the tensors themselves.
     try:
-        load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            f.keys()
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptCheckpoint(f"{path} is corrupt or truncated: {e}") from None
 

@@ -127,7 +127,6 @@ def token_lm_estimates(
             logits = model.logits(
                 s, positions=lay.position_ids[new], cache=c,
                 attn_mask=lay.attn_mask[new, : new.stop],
-                read=torch.arange(Pc, device=x.device),
             )  # (rows, Pc, V)
             probs = F.softmax(logits.float(), -1)
             agree.append(same)
@@ -247,7 +246,8 @@ def brier_for_model(
         rows = max(1, LOGITS_BUDGET // (T * V))
         piece = max(1, LOGITS_BUDGET // (2 * min(rows, B) * V))
         for i in range(0, B, rows):
-            stats.update_all(token_lm_estimates(model, tokens[i : i + rows], max_n, generator, piece=piece))
+            est = token_lm_estimates(model, tokens[i : i + rows], max_n, generator, piece=piece)
+            stats.update_all(est)
         return stats
     if kind == "calm":
         def sample_fn(t, n, generator=None):
@@ -295,7 +295,9 @@ def _windows(dataset, split, model, block_size, batch_size, max_tokens, max_n=4)
         context = model.config.backbone.max_seq_len * K
     else:
         if block_size < max_n + 1:
-            raise CalmError(f"block size {block_size} is too short: Brier-{max_n} needs {max_n + 1}")
+            raise CalmError(
+                f"block size {block_size} is too short: Brier-{max_n} needs {max_n + 1} tokens"
+            )
         context = model.config.max_seq_len
     if block_size > context:
         raise CalmError(f"block size {block_size} exceeds the model's context of {context} tokens")
@@ -310,7 +312,8 @@ def _windows(dataset, split, model, block_size, batch_size, max_tokens, max_n=4)
         if max_tokens < 1:
             raise CalmError(f"max tokens must be positive, got {max_tokens}")
         windows = min(windows, max(1, max_tokens // block_size))
-    batches = eval_batches(dataset, split, block_size, batch_size, max_batches=-(-windows // batch_size))
+    num_batches = -(-windows // batch_size)
+    batches = eval_batches(dataset, split, block_size, batch_size, max_batches=num_batches)
     return batches, windows
 
 

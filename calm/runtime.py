@@ -26,6 +26,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def set_threads(n: int | None) -> None:
     """Intra-op threads (None or 0 keeps PyTorch's default)."""
+    if n is not None and n < 0:
+        raise CalmError(f"--threads must be 0 (default) or positive, got {n}")
     if n:
         torch.set_num_threads(n)
 

@@ -392,12 +392,16 @@ def train(
         loader_state = loader.state_dict
     fwd = inspect.signature(core.forward).parameters
     takes_generator = "generator" in fwd or any(p.kind is p.VAR_KEYWORD for p in fwd.values())
-    eval_model = core if core is not model else model  # DDP: the bare module; FSDP: itself
+    eval_model = core  # DDP: the bare module (no gradient hooks); FSDP: the sharded module itself
     rows_per_step = cfg.batch_size * cfg.grad_accum * W
 
     def say(msg: str) -> None:
-        if main:
-            (bar.write(msg, file=sys.stderr) if bar is not None else print(msg, file=sys.stderr))
+        if not main:
+            return
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr)
 
     def save(step: int) -> Path | None:
         if run_dir is None:

@@ -19,10 +19,10 @@ import torch
 from calm.cli import main
 from calm.config import CALMConfig, HeadConfig, preset
 
-WORDS = (
-    "the king queen crown sword night day love death river stone wind fire sea "
-    "castle horse bread song old young gold iron"
-).split()
+WORDS = [
+    "the", "king", "queen", "crown", "sword", "night", "day", "love", "death", "river", "stone",
+    "wind", "fire", "sea", "castle", "horse", "bread", "song", "old", "young", "gold", "iron",
+]
 
 BLOCK = 32  # tokens per training sequence in the tiny runs (8 chunks of K=4)
 

@@ -76,10 +76,12 @@ def test_pipeline(tmp_path, capsys, corpus_dir):
                                    "--block-size", BLOCK, "--json"]))
     assert 0 <= h["acc_mean"] <= 1 and 0 <= h["acc_sample"] <= 1 and h["latent_size"] == 16
     assert h["tokens"] > 0 and len(h["robustness"]) > 1
-    table = run_ok(capsys, ["eval-ae", "--model", str(ae), "--data", str(data), "--block-size", BLOCK])
+    table = run_ok(capsys, ["eval-ae", "--model", str(ae), "--data", str(data),
+                            "--block-size", BLOCK])
     assert "accuracy (mean)" in table and "collapsed dims" in table
 
-    out = run_ok(capsys, ["train", "--autoencoder", str(ae), "--data", str(data), "--out", str(calm),
+    out = run_ok(capsys, ["train", "--autoencoder", str(ae), "--data", str(data),
+                          "--out", str(calm),
                           "--steps", "3", "--head-num-targets", "8", *TINY_TRAIN])
     assert json.loads(out.strip().splitlines()[-1])["step"] == 3
     cfg = json.loads((latest(calm) / "config.json").read_text())
@@ -87,7 +89,8 @@ def test_pipeline(tmp_path, capsys, corpus_dir):
     assert cfg["autoencoder"]["path"] == str(latest(ae).resolve())
     assert cfg["model"]["head"]["num_targets"] == 8 and cfg["model"]["chunk_size"] == 4
     assert (latest(calm) / "tokenizer").is_dir()
-    assert not any(k.startswith("autoencoder.") for k in load_file(latest(calm) / "model.safetensors"))
+    weights = load_file(latest(calm) / "model.safetensors")
+    assert weights and not any(k.startswith("autoencoder.") for k in weights)
 
     run_ok(capsys, ["train-baseline", "--data", str(data), "--out", str(base), "--steps", "3",
                     *TINY_TRAIN])
@@ -152,17 +155,29 @@ def test_block_size_not_divisible_by_k(tmp_path, capsys, dataset_dir, ae_run):
     assert not out.exists()
 
 
-def test_existing_checkpoint_needs_overwrite(capsys, copy_run, base_run, dataset_dir):
-    run = copy_run(base_run)
+@pytest.mark.parametrize("command", ["train-ae", "train", "train-baseline"])
+def test_existing_checkpoint_needs_overwrite(capsys, copy_run, ae_run, calm_run, base_run,
+                                             dataset_dir, command):
+    src = {"train-ae": ae_run, "train": calm_run, "train-baseline": base_run}[command]
+    run = copy_run(src)
     before = digest(run)
-    argv = ["train-baseline", "--data", str(dataset_dir), "--out", str(run), "--steps", "2",
-            *TINY_TRAIN]
+    argv = [command, "--data", str(dataset_dir), "--out", str(run), "--steps", "2", *TINY_TRAIN]
+    if command == "train":
+        argv += ["--autoencoder", str(ae_run), "--head-num-targets", "4"]
     run_err(capsys, argv, "--overwrite", str(run))
     assert digest(run) == before
     run_ok(capsys, argv + ["--overwrite"])
     assert [p.name for p in list_checkpoints(run)] == ["step_000002"]  # old steps are gone
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2  # the old run's metrics were cleared too
+
+
+def test_out_is_a_file(tmp_path, capsys, dataset_dir):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    run_err(capsys, ["train-baseline", "--data", str(dataset_dir), "--out", str(f), *TINY_TRAIN],
+            "not a folder")
+    assert f.read_text() == "keep me"
 
 
 def test_dataset_with_another_tokenizer(tmp_path, capsys, ae_run, other_dataset_dir):
@@ -192,7 +207,8 @@ def gen_argv(model: Path, *extra: str) -> list[str]:
 def test_calm_autoencoder_moved_or_mismatched(tmp_path, capsys, copy_run, ae_run, dataset_dir):
     ae = copy_run(ae_run, "ae")
     calm = tmp_path / "calm"
-    run_ok(capsys, ["train", "--autoencoder", str(ae), "--data", str(dataset_dir), "--out", str(calm),
+    run_ok(capsys, ["train", "--autoencoder", str(ae), "--data", str(dataset_dir),
+                    "--out", str(calm),
                     "--steps", "2", "--head-num-targets", "4", *TINY_TRAIN])
     want = run_ok(capsys, gen_argv(calm))
 
@@ -217,7 +233,7 @@ def test_calm_autoencoder_moved_or_mismatched(tmp_path, capsys, copy_run, ae_run
     # The recorded autoencoder's weights changed in place: refused.
     f = latest(moved) / "model.safetensors"
     w = load_file(f)
-    name = sorted(w)[0]
+    name = min(w)
     w[name] = w[name] + 0.01
     save_file(w, f, metadata={"format": "pt"})
     run_err(capsys, gen_argv(calm, "--autoencoder", str(moved)), "weights differ")
@@ -228,7 +244,8 @@ def test_generate_from_an_autoencoder(capsys, ae_run):
 
 
 def test_eval_ae_of_a_calm_checkpoint(capsys, calm_run, dataset_dir):
-    run_err(capsys, ["eval-ae", "--model", str(calm_run), "--data", str(dataset_dir)], "not an autoencoder")
+    run_err(capsys, ["eval-ae", "--model", str(calm_run), "--data", str(dataset_dir)],
+            "not an autoencoder")
 
 
 @pytest.mark.parametrize("which", ["calm", "base", "ae"])
@@ -312,7 +329,8 @@ def test_generate_bad_prompts_and_flags(capsys, base_run, calm_run, tmp_path):
         for t in ("0", "-1", "1.5"):
             run_err(capsys, gen_argv(run, "--temperature", t), "temperature")
         run_err(capsys, gen_argv(run, "--max-new-tokens", "0"), "max new tokens")
-    run_err(capsys, ["generate", "--model", str(base_run), "--prompt-file", str(tmp_path / "x.txt")],
+    run_err(capsys, ["generate", "--model", str(base_run),
+                     "--prompt-file", str(tmp_path / "x.txt")],
             "prompt-file")
     long = "the king " * 400  # far more tokens than the tiny context (256 positions)
     run_err(capsys, ["generate", "--model", str(base_run), "--prompt", long], "context")

@@ -93,7 +93,8 @@ def sample_chain(table, M, length, rows, seed):
     x[:, 0] = torch.randint(N, (rows,), generator=g)
     for i in range(1, length):
         prev2 = x[:, i - 2] if i > 1 else torch.full((rows,), bos)
-        x[:, i] = torch.multinomial(table[context_of(prev2, x[:, i - 1], M, bos)], 1, generator=g)[:, 0]
+        probs = table[context_of(prev2, x[:, i - 1], M, bos)]  # (rows, N)
+        x[:, i] = torch.multinomial(probs, 1, generator=g)[:, 0]
     return x
 
 
@@ -115,7 +116,8 @@ class FakeTokenLM:
     def make_cache(self, rows, max_len):
         return fake_cache(rows, max_len)
 
-    def logits(self, tokens, *, positions=None, cache=None, key_mask=None, attn_mask=None, read=None):
+    def logits(self, tokens, *, positions=None, cache=None, key_mask=None, attn_mask=None,
+               read=None):
         h = self.backbone(tokens[..., None].float(), positions=positions, cache=cache,
                           attn_mask=attn_mask).long()
         out = self.table[context_of(h[..., 0], h[..., 1], MT, VT)].log()  # (rows, S, V)

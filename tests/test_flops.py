@@ -165,9 +165,12 @@ def test_variants_match_flop_counter(kind, scheme, kv):
 
 
 @pytest.mark.parametrize(
-    "head", [HeadConfig(kind="flow", flow_solver="euler", flow_steps=3, num_samples=3),
-             HeadConfig(kind="flow", flow_steps=2, num_samples=2),
-             HeadConfig(kind="diffusion", diffusion_steps=3, num_samples=4)],
+    "head",
+    [
+        HeadConfig(kind="flow", flow_solver="euler", flow_steps=3, num_samples=3),
+        HeadConfig(kind="flow", flow_steps=2, num_samples=2),
+        HeadConfig(kind="diffusion", diffusion_steps=3, num_samples=4),
+    ],
     ids=["flow-euler", "flow-midpoint", "diffusion"],
 )
 def test_iterative_heads_match_flop_counter(head):

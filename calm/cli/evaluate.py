@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="CALM or baseline run/checkpoint folder")
     p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
     p.add_argument("--split", default="val", help="dataset split: val (or validation) or train")
-    p.add_argument("--max-tokens", type=int, default=65536, help="evaluate at most this many tokens")
+    p.add_argument("--max-tokens", type=int, default=65536,
+                   help="evaluate at most this many tokens")
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per window (default: the model's training block size, else 512)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per batch")

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 
+from calm import dist
 from calm.autoencoder import Autoencoder, health
 from calm.cli.common import (
     add_config_flags,
@@ -27,7 +28,6 @@ from calm.cli.common import (
     train_config,
 )
 from calm.config import AutoencoderConfig, TrainConfig, preset, to_dict
-from calm import dist
 from calm.data import TokenDataset
 from calm.errors import CalmError
 from calm.runtime import pick_device, seed_everything, set_threads

@@ -12,10 +12,21 @@ Training, on N replicas of h per position (as the energy head):
   i ~ U{0 … T−1},  ε ~ N(0, I),  y ~ N(μ, σ²),  x_i = √ᾱ_i·y + √(1 − ᾱ_i)·ε,
   L = mean ‖ε_θ(x_i, i/T, h) − ε‖²   (mean over latent dims, positions, replicas).
 
-Sampling: ancestral DDPM over `diffusion_steps` respaced timesteps (evenly
-spaced in 0 … T−1; the betas are recomputed from ᾱ at the kept timesteps) with
-the posterior variance β̃ = β·(1 − ᾱ_prev)/(1 − ᾱ) ("fixed small"), no noise
-at the last step. No classifier-free guidance.
+Sampling: ancestral DDPM over `diffusion_steps` (default 100) respaced
+timesteps (evenly spaced in 0 … T−1, always ending at T−1; the betas are
+recomputed from ᾱ at the kept timesteps) with the posterior variance
+β̃ = β·(1 − ᾱ_prev)/(1 − ᾱ) ("fixed small"), no noise at the last step. No
+classifier-free guidance.
+
+The predicted clean latent x̂_0 = (x − √(1 − ᾱ)·ε̂)/√ᾱ is clamped to ±10 at
+every sampling step (``clip_denoised``; None turns it off). Latents of the
+KL-regularised autoencoder are of unit scale, so the bound is inactive for a
+good ε̂; but at the first step ᾱ ≈ 2.4e-9 amplifies any error of ε̂ by
+1/√ᾱ ≈ 2·10⁴, and without the bound a small or young head diverges.
+
+The network (``ConditionedMLP``) sees t = i/T. Its default number of blocks
+follows the energy head's rule, max(1, backbone layers // 4): 3 for the
+paper's 12-layer ablation backbone, whose heads have "3 MLP blocks".
 
 Schedules are computed once in float64 on the CPU and copied to h's device in
 float32 on use, so they follow h wherever it lives and never drop to the
@@ -140,9 +151,8 @@ class DiffusionHead(GenerativeHead):
         self.train_steps = train_steps
         self.clip_denoised = clip_denoised
         self.net = ConditionedMLP(hidden_size, latent_size, width, num_blocks)
-        # Plain attributes, not buffers: not in the state dict, never cast to bf16.
+        # A plain attribute, not a buffer: not in the state dict, never cast to bf16.
         self.alpha_bar = cosine_alpha_bar(train_steps)  # (T,) float64, CPU
-        self.timesteps, self.betas = respace(self.alpha_bar, steps)  # (steps,) each, CPU
         self._train_table: torch.Tensor | None = None
 
     @classmethod
@@ -213,14 +223,14 @@ class DiffusionHead(GenerativeHead):
         shape = (*h.shape[:-1], n, self.latent_size)
         x = torch.randn(shape, generator=generator, device=h.device, dtype=dtype)
         c = self.net.condition(h)  # (..., 1, w), once for all steps and samples
-        times = (self.timesteps.to(torch.float32) / self.train_steps).tolist()  # network's t
+        # Respaced on each call (100 scalars): changing self.steps needs nothing else.
+        timesteps, betas = respace(self.alpha_bar, self.steps)
+        times = (timesteps.to(torch.float64) / self.train_steps).tolist()  # the network's t
 
         def eps_fn(x: torch.Tensor, k: int) -> torch.Tensor:
             return self.net(x, times[k], c)
 
-        return ddpm_sample(
-            eps_fn, x, self.betas, clip_denoised=self.clip_denoised, generator=generator
-        )
+        return ddpm_sample(eps_fn, x, betas, clip_denoised=self.clip_denoised, generator=generator)
 
     def flops_per_sample(self) -> int:
         return self.net.flops_per_evaluation()
