@@ -165,6 +165,9 @@ def default_mode(mode: str | None, world: int) -> str:
         raise CalmError(f"unknown --dist {mode!r}; choose from {', '.join(MODES)}")
     if mode != "none" and not is_dist():
         raise CalmError(f"--dist {mode} needs a torchrun launch (torchrun --nproc_per_node P -m calm ...)")
+    if mode == "none" and world > 1:
+        raise CalmError(f"--dist none with {world} processes would train {world} separate models; "
+                        "use --dist ddp or fsdp")
     return mode
 
 

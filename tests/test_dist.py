@@ -91,6 +91,8 @@ def test_helpers_without_torchrun(monkeypatch):
         dist.default_mode("ddp", 1)
     with pytest.raises(CalmError, match="unknown --dist"):
         dist.default_mode("zero3", 1)
+    with pytest.raises(CalmError, match="2 separate models"):
+        dist.default_mode("none", 2)
     # Sums and counts, then one division: (1 + 2 + 6) / 3, not a mean of means.
     assert dist.reduce_means({"loss": 9.0}, 3) == {"loss": 3.0}
     assert dist.reduce_eval({"loss": (6.0, 4), "acc": 0.5}) == {"acc": 0.5, "loss": 1.5}

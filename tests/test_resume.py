@@ -305,7 +305,7 @@ def _wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: fl
 
 @pytest.mark.slow
 def test_sigkill_between_checkpoints_then_resume(capsys, tmp_path, dataset_dir, ae_run):
-    steps = 40
+    steps = 120  # headroom: the kill must land well before the end
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(calm_argv(dataset_dir, ae_run, ref, steps, "--save-every", "3")) == 0
     proc = _spawn(calm_argv(dataset_dir, ae_run, run, steps, "--save-every", "3"))

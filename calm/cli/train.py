@@ -47,6 +47,10 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
     add_train_flags(p, defaults)
     add_runtime_flags(p)
     add_resume_flags(p)
+    p.add_argument("--eval-brier", action="store_true",
+                   help="also report BrierLM and Brier-1..4 at every validation")
+    p.add_argument("--eval-brier-tokens", type=int, default=8192,
+                   help="held-out tokens scored by --eval-brier")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -130,6 +134,13 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
     if env.is_main:
         print(f"{kind}: {n / 1e6:.2f}M trainable parameters on {device}")
 
+    brier = None
+    if getattr(args, "eval_brier", False):
+        from calm.evaluate import brier_eval_fn
+
+        brier = brier_eval_fn(dataset, block_size=tcfg.block_size, batch_size=tcfg.batch_size,
+                              max_tokens=args.eval_brier_tokens, seed=tcfg.seed)
+
     def evaluate(m):
         # Sums over rows, reduced across ranks by the loop; each batch draws its noise
         # from its own seed, so validation figures do not depend on the world size.
@@ -139,7 +150,10 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
             loss, _ = m(b.to(device), generator=g)
             tot += float(loss) * len(b)
             cnt += len(b)
-        return {"loss": (tot, cnt)}
+        figures = {"loss": (tot, cnt)}
+        if brier is not None:
+            figures.update(brier(m))
+        return figures
 
     result = train(
         model, tcfg, iter(loader), run_dir=args.out, device=device, evaluate=evaluate,
