@@ -191,7 +191,7 @@ def _full_outcome_lower_bound(tokens: Tensor, n: int, base: int) -> Tensor:
         _, inv, cnt = torch.unique(flat.view(B * N, K + 1), dim=0, return_inverse=True,
                                    return_counts=True)
         counts = cnt[inv].view(B, N)
-    return counts.masked_fill(~known, 1).amax(1).clamp(max=n)
+    return counts.masked_fill(~known, 1).amax(1).clamp(max=n+1)
 
 
 def resolve_groups(lazy: LazyTokens, n: int, rows: Tensor) -> Tensor:

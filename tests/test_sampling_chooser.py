@@ -112,6 +112,35 @@ def test_resolved_groups_give_the_full_selection_probabilities(n):
         assert torch.equal(lazy.tokens[known], full[known])
 
 
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_resolution_with_known_outcomes_drops_only_hopeless_groups(n):
+    """Some draws fully decoded beforehand (as the rejection rounds leave them): their
+    outcome counts bound m from below and prune groups, yet the probabilities stay."""
+    dropped = 0
+    for seed in range(30):
+        dec = random_decoder(40 + seed, V=3, K=4)
+        B, N = 8, 12
+        z = clustered_latents(B, N, 4, seed, clusters=2 + seed % 3, spread=0.3 + 0.1 * (seed % 4))
+        full = dec.tokens(z)
+        lazy = LazyTokens(z, dec)
+        g = torch.Generator().manual_seed(seed)
+        pre = torch.rand(B, N, generator=g) < 0.4  # (B, N) draws decoded in full first
+        b, i = pre.nonzero().unbind(1)
+        for j in range(dec.K):
+            lazy.need(b, i, j)
+        before = lazy.projections
+        gid = resolve_groups(lazy, n, torch.ones(B, dtype=torch.bool))
+        ref = batch_selection_probs(outcome_group_ids(full), n)
+        torch.testing.assert_close(batch_selection_probs(gid, n), ref, rtol=0, atol=1e-12)
+        # what the resolution alone would decode (no lower bound from known outcomes)
+        plain = LazyTokens(z, dec)
+        resolve_groups(plain, n, torch.ones(B, dtype=torch.bool))
+        undecoded = (lazy.tokens < 0) & (plain.tokens >= 0)
+        dropped += int(undecoded.sum())
+        assert lazy.projections - before <= plain.projections
+    assert dropped > 0  # the lower bound did prune something in these batches
+
+
 def test_resolution_skips_singletons_and_hopeless_groups():
     # Position 1 splits the draws into a group of 3 and 3 singletons: only the group
     # is decoded further; at n = 3 nothing else can matter.
@@ -203,6 +232,8 @@ def test_chooser_in_generation(make_calm, scheme, sampler, T):
 
 def test_chooser_returns_the_chosen_draws_latent(make_calm):
     model = make_calm(random_head=True, seed=2)
+    with torch.no_grad():  # fewer distinct outcomes, so that the exact sampler accepts soon
+        model.head.final_out.weight.mul_(0.05)
     h = torch.randn(5, model.config.backbone.hidden_size)
     for sampler, T in [("batch", 0.5), ("exact", 0.5), ("exact", 0.8)]:
         ch = temperature_chooser(model, T, sampler=sampler, num_candidates=12,

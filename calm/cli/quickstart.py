@@ -109,7 +109,8 @@ def run(args) -> int:
         _stage(f"{3 if kind == 'calm' else 4}/6 {kind}")
         if not _done(folder):
             _call([cmd, "--data", str(data), "--out", str(folder), "--preset", "demo", *extra,
-                   "--max-minutes", f"{train_minutes * SPLIT[kind]:.3f}", "--overwrite", *common])
+                   "--max-minutes", f"{train_minutes * SPLIT[kind]:.3f}", "--overwrite",
+                   "--eval-every", "100", "--eval-brier", "--eval-brier-tokens", "4096", *common])
             _mark(folder, {})
         else:
             print(f"reusing {folder}")
