@@ -7,7 +7,8 @@ not depend on them (generation never stops early: no end-of-text).
 
 - generation tokens/s at temperature 1, prompt 32 tokens, 256 new tokens, batch 1 and 8,
   with each model's share of its memory-bandwidth or compute limit;
-- training tokens/s, batch 8 × 512 tokens.
+- training tokens/s, batch 8 × 512 tokens;
+- BrierLM evaluation time of one 1024-token sequence.
 
 Usage: python benchmarks/speed.py [--threads 2] [--decode-threads 1] [--repeat 3] [--only gen,train]
 Writes benchmarks/results/speed.json.
@@ -81,7 +82,7 @@ def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int) -> di
     prompts = torch.randint(1, 32000, (batch, 32), generator=g).tolist()
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
-        def run():
+        def run(model=model):
             generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,
                      generator=torch.Generator().manual_seed(1))
         t = timed(run, warmup=1, repeat=repeat)
@@ -99,7 +100,7 @@ def bench_training(calm, base, repeat: int) -> dict:
         opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def step():
+        def step(model=model, opt=opt, params=params):
             loss, _ = model(x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -113,6 +114,21 @@ def bench_training(calm, base, repeat: int) -> dict:
     return out
 
 
+def bench_eval(calm, base, repeat: int) -> dict:
+    """BrierLM (Brier-1..4) of one 1024-token sequence, random weights."""
+    from calm.evaluate import brier_for_model
+
+    x = torch.randint(1, 32000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, model in (("calm", calm), ("baseline", base)):
+        def run(model=model):
+            with torch.no_grad():
+                brier_for_model(model, x, generator=torch.Generator().manual_seed(0))
+        t = timed(run, warmup=1, repeat=repeat)
+        out[name] = {"seconds": t}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for training and batch 8")
@@ -120,7 +136,7 @@ def main() -> None:
                    help="intra-op threads for batch-1 decoding (small ops: 1 thread avoids pool waits)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--only", default="gen,train", help="comma list of: gen, train")
+    p.add_argument("--only", default="gen,train,eval", help="comma list of: gen, train, eval")
     args = p.parse_args()
     only = set(args.only.split(","))
     calm, base = build()
@@ -161,6 +177,17 @@ def main() -> None:
             rows.append([f"train, 8×512, {args.threads} thr", name, f"{tps:.0f} ({lo:.0f}–{hi:.0f})", "",
                          f"{tps / REFERENCE['train'][name]:.2f}×"])
         result["training"] = t
+    if "eval" in only:
+        torch.set_num_threads(args.threads)
+        e = bench_eval(calm, base, args.repeat)
+        ref = {"calm": 1.0, "baseline": 59.0}
+        for name in ("calm", "baseline"):
+            t = e[name]["seconds"]
+            rows.append([f"BrierLM of 1024 tokens, {args.threads} thr", name,
+                         f"{t['median']:.2f} s ({t['min']:.2f}–{t['max']:.2f})", "",
+                         f"{ref[name] / t['median']:.2f}× faster"])
+        e["reference_seconds"] = ref
+        result["evaluation"] = e
     path = write("speed", result)
     print(table(rows, ["what", "model", "tokens/s median (min–max)", "limit", "vs authors'"]))
     print(f"\nwritten to {path}")

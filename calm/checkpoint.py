@@ -144,8 +144,11 @@ def save_checkpoint(
     gathered from sharded training.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    except OSError as e:
+        raise CalmError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
     try:
         weights = {}
         seen: set[int] = set()
@@ -182,6 +185,11 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as e:
+        # A full or read-only disk: nothing half-written stays behind, the previous
+        # checkpoints are untouched, and the user gets one line instead of a traceback.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CalmError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -318,21 +318,33 @@ def prepare_dataset(
             for f, name in files:
                 yield from _file_documents(f, name, text_field, st)
 
-    # Pass 1 (only when training a BPE): the tokenizer learns from all the text.
+    if val_documents is not None:
+        forced = set(val_documents)
+
+        def in_val(name: str) -> bool:
+            return name in forced
+    else:
+
+        def in_val(name: str) -> bool:
+            return is_validation(name, val_fraction)
+
+    # Pass 1 (only when training a BPE): the tokenizer learns from the training
+    # documents only, so held-out text cannot get words of its own (a name that
+    # occurs only in validation is split into pieces that training has seen).
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     elif tokenizer == "bpe":
         seen = [0]
 
         def texts():
-            for _, text in doc_source():
-                if text:
+            for name, text in doc_source():
+                if text and not in_val(name):
                     seen[0] += 1
                     yield text
 
         tok = resolve_tokenizer("bpe", texts=texts(), vocab_size=vocab_size)
         if seen[0] == 0:
-            raise CalmError("the corpus holds no text")
+            raise CalmError("the corpus holds no text outside the validation split")
     else:
         tok = resolve_tokenizer(str(tokenizer), vocab_bpe, split_pattern)
     dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<u4")
@@ -341,16 +353,6 @@ def prepare_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        if val_documents is not None:
-            forced = set(val_documents)
-
-            def in_val(name: str) -> bool:
-                return name in forced
-        else:
-
-            def in_val(name: str) -> bool:
-                return is_validation(name, val_fraction)
-
         meta = _tokenize_into(
             tmp,
             tok,
@@ -474,7 +476,7 @@ def _tokenize_into(
             w.close()
 
     if sum(w.documents for w in writers.values()) == 0:
-        raise CalmError("the corpus holds no text")
+        raise CalmError("the corpus holds no text outside the validation split")
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",

@@ -55,7 +55,7 @@ from calm.sampling import (
 # Largest logits tensor (elements) built at once; larger projections run in pieces.
 LOGITS_BUDGET = 1 << 24
 # Rounds of subset tries before the position-wise resolution: tries per row per round.
-DEFAULT_TRIES = (8, 24)
+DEFAULT_TRIES = (12, 36)
 
 
 class ChunkDecoder:
@@ -132,6 +132,7 @@ class LazyTokens:
         self.trunk: Tensor | None = None  # (B·N, K, e), allocated on first use
         self.projections = 0
         self.trunks = 0
+        self.calls = 0  # batched decoder calls (each one pass over the vocabulary matrix)
 
     def need(self, b: Tensor, i: Tensor, j: Tensor | int) -> None:
         """Make tokens[b, i, j] known for the pairs given (P,) each (j: tensor or int)."""
@@ -157,6 +158,7 @@ class LazyTokens:
             self.trunks += todo.numel()
         self.tokens.view(-1)[key] = self.dec.argmax(self.trunk[c, j])
         self.projections += key.numel()
+        self.calls += 1
 
 
 def _regroup(key: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,18 +182,15 @@ def _full_outcome_lower_bound(tokens: Tensor, n: int, base: int) -> Tensor:
     B, N, K = tokens.shape
     known = (tokens >= 0).all(-1)  # (B, N)
     if K * math.log2(base) < 62:
-        # Mixed-radix packing of whole outcomes; unknown ones get distinct negative keys.
+        # Mixed-radix packing of whole outcomes (unknown ones: key −1, their counts unused).
         powers = base ** torch.arange(K - 1, -1, -1, device=tokens.device)
-        own = -1 - torch.arange(N, device=tokens.device).expand(B, N)
-        ids, counts = _regroup(torch.where(known, (tokens * powers).sum(-1), own))
+        _, counts = _regroup(torch.where(known, (tokens * powers).sum(-1), -1))
     else:
-        flat = torch.cat([torch.arange(B, device=tokens.device)[:, None, None].expand(B, N, 1),
-                          torch.where(known[..., None], tokens, -1 - torch.arange(
-                              N, device=tokens.device)[None, :, None])], -1)
-        _, inv, cnt = torch.unique(flat.view(B * N, K + 1), dim=0, return_inverse=True,
-                                   return_counts=True)
+        rows = torch.arange(B, device=tokens.device)[:, None, None].expand(B, N, 1)
+        flat = torch.cat([rows, tokens], -1).view(B * N, K + 1)  # (row, outcome)
+        _, inv, cnt = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
         counts = cnt[inv].view(B, N)
-    return counts.masked_fill(~known, 1).amax(1).clamp(max=n+1)
+    return counts.masked_fill(~known, 1).amax(1).clamp(max=n)
 
 
 def resolve_groups(lazy: LazyTokens, n: int, rows: Tensor) -> Tensor:
@@ -265,12 +264,18 @@ def batch_choose_pruned(
         keys = _uniform((B, R, N), dev, generator)
         sub = keys.topk(n, dim=-1, largest=False).indices  # (B, R, n), uniform order too
         alive = (~accepted)[:, None].expand(B, R).clone()  # (B, R)
-        bb = rows[:, None, None].expand(B, R, n)
-        for j in range(K):
-            a = alive[..., None].expand(B, R, n)
-            lazy.need(bb[a], sub[a], j)
-            t = lazy.tokens[bb, sub, j]  # (B, R, n)
-            alive &= (t == t[..., :1]).all(-1)
+        bb = rows[:, None, None, None].expand(B, R, n, K)
+        ss = sub[..., None].expand(B, R, n, K)
+        jj = torch.arange(K, device=dev).expand(B, R, n, K)
+        # Position 1 first (most tries of a diverse step end there), then the other
+        # positions of the surviving tries together: two projection calls per round.
+        for pos in (slice(0, 1), slice(1, K)):
+            a = alive[..., None, None].expand(B, R, n, K).clone()
+            a[..., : pos.start] = False
+            a[..., pos.stop :] = False
+            lazy.need(bb[a], ss[a], jj[a])
+            t = lazy.tokens[bb[..., pos], ss[..., pos], jj[..., pos]]  # (B, R, n, k)
+            alive &= (t == t[:, :, :1]).all(-1).all(-1)
             if not bool(alive.any()):
                 break
         hit = alive.any(1)  # (B,)
@@ -295,6 +300,7 @@ def batch_choose_pruned(
         "full_projections": full,
         "skipped_fraction": 1.0 - lazy.projections / full,
         "trunks": lazy.trunks,
+        "calls": lazy.calls,
         "accepted_by_rejection": int(accepted.sum()),
     }
     return tokens, index, stats

@@ -120,8 +120,11 @@ class MetricsLog:
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as e:
+            raise CalmError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (and a line cut short by a crash): on a resume

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 from calm.cli.common import (
     add_config_flags,
@@ -23,8 +22,8 @@ from calm.cli.common import (
     add_train_flags,
     overrides,
     prepare_out_dir,
-    time_limit,
     presets_of,
+    time_limit,
     train_config,
 )
 from calm.config import CALMConfig, HeadConfig, TrainConfig, TransformerConfig, preset, to_dict

@@ -10,7 +10,6 @@ Example: calm train-ae --data data/shakespeare --out runs/ae --preset demo --ste
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from calm import dist
@@ -23,8 +22,8 @@ from calm.cli.common import (
     add_train_flags,
     overrides,
     prepare_out_dir,
-    time_limit,
     presets_of,
+    time_limit,
     train_config,
 )
 from calm.config import AutoencoderConfig, TrainConfig, preset, to_dict
