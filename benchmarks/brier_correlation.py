@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, table, write  # noqa: E402
 
-from calm.cli import main as calm_main  # noqa: E402
 from calm.checkpoint import list_checkpoints  # noqa: E402
+from calm.cli import main as calm_main  # noqa: E402
 from calm.data import TokenDataset  # noqa: E402
 from calm.evaluate import evaluate_model  # noqa: E402
 from calm.loading import load_model  # noqa: E402

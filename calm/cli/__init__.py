@@ -39,6 +39,21 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks (examples); appends a flag's default when it
+    has a meaningful one and its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="calm",
@@ -52,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=helptext,
             description=(module.__doc__ or helptext).strip(),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

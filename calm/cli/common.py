@@ -108,13 +108,14 @@ def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig
     return cfg
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def add_runtime_flags(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this many minutes (the final eval and save still run)")
+    if training:
+        g.add_argument("--max-minutes", type=float, default=None,
+                       help="stop training after this many minutes (the final eval and save still run)")
 
 
 def time_limit(args: argparse.Namespace) -> float | None:

@@ -44,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
     g = p.add_argument_group("backbone (overrides of the preset)")
     add_config_flags(g, TransformerConfig, skip=("vocab_size",))
     add_train_flags(p, defaults)
-    add_runtime_flags(p)
+    add_runtime_flags(p, training=True)
     add_resume_flags(p)
     p.add_argument("--eval-brier", action="store_true",
                    help="also report BrierLM and Brier-1..4 at every validation")

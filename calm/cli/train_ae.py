@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (overrides of the preset)")
     add_config_flags(g, AutoencoderConfig, skip=("vocab_size",))
     add_train_flags(p, DEFAULTS)
-    add_runtime_flags(p)
+    add_runtime_flags(p, training=True)
     add_resume_flags(p)
 
 
