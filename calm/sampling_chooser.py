@@ -21,9 +21,11 @@ Two exact devices compute a draw from that distribution with less decoding:
    decode to the same outcome x (probability C(c_x, n)/C(N, n)), return one of
    them at random. Conditioned on acceptance this is outcome x with probability
    ∝ C(c_x, n) and a uniform draw of x, i.e. Algorithm 2 (an acceptance proves some
-   c_x ≥ n, so m = n). A few rounds of i.i.d. tries run first; a try stops
-   decoding at its first disagreeing position. Rows that accept nothing fall
-   through to (2) with fresh randomness, so the mixture is still exact.
+   c_x ≥ n, so m = n). Two rounds of i.i.d. tries run first (12, then 36 per
+   row); a round decodes position 1 of its tries, then the other positions of the
+   tries that still agree. Rows that accept nothing fall through to (2) with fresh
+   randomness, so the mixture is still exact. It pays when one outcome is common
+   (a confident step) and costs nearly nothing otherwise (the work is reused).
 2. Position-wise resolution. Decode position 1 for every candidate, group by
    prefix, and decode the next position only for candidates whose prefix group
    is still open: a singleton prefix is final (count 1); a prefix group whose
