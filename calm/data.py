@@ -334,17 +334,24 @@ def prepare_dataset(
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     elif tokenizer == "bpe":
-        seen = [0]
+        seen = [0, 0]  # documents with text: training, validation
 
         def texts():
             for name, text in doc_source():
-                if text and not in_val(name):
-                    seen[0] += 1
-                    yield text
+                if text:
+                    held_out = in_val(name)
+                    seen[held_out] += 1
+                    if not held_out:
+                        yield text
 
         tok = resolve_tokenizer("bpe", texts=texts(), vocab_size=vocab_size)
+        if seen[0] == 0 and seen[1] == 0:
+            raise CalmError("the corpus holds no text")
         if seen[0] == 0:
-            raise CalmError("the corpus holds no text outside the validation split")
+            raise CalmError(
+                "the training split is empty: every document went to validation; "
+                "lower --val-fraction or give more documents"
+            )
     else:
         tok = resolve_tokenizer(str(tokenizer), vocab_bpe, split_pattern)
     dtype = np.dtype("<u2") if tok.vocab_size <= 65536 else np.dtype("<u4")
