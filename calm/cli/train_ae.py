@@ -34,7 +34,7 @@ from calm.train import prepare_run, sharded_batches, train
 
 # The autoencoder is context-free, so the block only sets how many chunks a step sees.
 DEFAULTS = TrainConfig(
-    steps=2000, batch_size=8, block_size=512, lr=1e-3, warmup_steps=100, eval_every=500,
+    steps=2000, batch_size=8, block_size=512, lr=2e-3, warmup_steps=100, eval_every=500,
     eval_batches=8,
 )
 
