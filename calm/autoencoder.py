@@ -91,7 +91,11 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (..., l) → logits (..., K, V), tied to the input embedding."""
-        return self.decode_hidden(z) @ self.embed.weight.t()
+        h = self.decode_hidden(z)
+        wt = self.__dict__.get("vocab_projection_t")  # set by layers.decoding_layout
+        if wt is not None and h.numel() // h.shape[-1] <= 8 * self.config.chunk_size:
+            return h @ wt
+        return h @ self.embed.weight.t()
 
     @torch.no_grad()
     def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:

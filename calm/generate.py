@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from calm.errors import CalmError
+from calm.layers import decoding_layout
 
 # chooser(h (B, d)) → (tokens (B, K), latents (B, l))
 Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -86,9 +87,12 @@ def generate(
         raise CalmError(f"temperature must be in (0, 1], got {temperature}")
     if max_new_tokens < 1:
         raise CalmError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    if getattr(model, "kind", None) == "calm":
-        return _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step)
-    return _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step)
+    with decoding_layout(model):
+        if getattr(model, "kind", None) == "calm":
+            return _generate_calm(
+                model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step
+            )
+        return _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step)
 
 
 def _finish_rows(new: torch.Tensor, eot_id, done: torch.Tensor, out: list[list[int]], budget: int):

@@ -3,21 +3,19 @@
 import pytest
 import torch
 
-from calm.config import CALMConfig, HeadConfig, preset, to_dict
+from calm.checkpoint import save_checkpoint
+from calm.config import CALMConfig, HeadConfig, TrainConfig, preset, to_dict
 from calm.generate import generate
 from calm.loading import load_model
 from calm.model import CALM, autoencoder_record
 from calm.train import make_optimizer
-from calm.config import TrainConfig
-from calm.checkpoint import save_checkpoint
 
 
 @pytest.mark.parametrize("head,scheme", [
     ("energy", "continuous"), ("flow", "discrete"), ("flow", "both"), ("diffusion", "discrete"),
 ])
 def test_reload_generates_identically(tmp_path, tiny_ae, ae_run, head, scheme):
-    from calm.checkpoint import resolve_checkpoint
-    from calm.checkpoint import read_config
+    from calm.checkpoint import read_config, resolve_checkpoint
 
     torch.manual_seed(0)
     ae_ckpt = resolve_checkpoint(ae_run)
