@@ -89,7 +89,8 @@ def run(args) -> int:
     ae = out / "autoencoder"
     _stage("2/6 autoencoder")
     if not _done(ae):
-        _call(["train-ae", "--data", str(data), "--out", str(ae), "--preset", "demo",
+        # A large step cap: the time budget decides when each stage ends.
+        _call(["train-ae", "--data", str(data), "--out", str(ae), "--preset", "demo", "--steps", "100000",
                "--max-minutes", f"{train_minutes * SPLIT['ae']:.3f}", "--overwrite", *common])
         _mark(ae, {})
     else:
@@ -109,6 +110,7 @@ def run(args) -> int:
         _stage(f"{3 if kind == 'calm' else 4}/6 {kind}")
         if not _done(folder):
             _call([cmd, "--data", str(data), "--out", str(folder), "--preset", "demo", *extra,
+                   "--steps", "100000",
                    "--max-minutes", f"{train_minutes * SPLIT[kind]:.3f}", "--overwrite",
                    "--eval-every", "100", "--eval-brier", "--eval-brier-tokens", "4096", *common])
             _mark(folder, {})
