@@ -8,11 +8,13 @@ diffusion heads are interchangeable: the backbone never knows which one it feeds
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
 
-class GenerativeHead(nn.Module):
+class GenerativeHead(nn.Module, ABC):
     """Base class: ``loss(h, mean, log_std) → (loss, metrics)`` and ``sample(h) → z``."""
 
     def __init__(self, hidden_size: int, latent_size: int):
@@ -22,6 +24,7 @@ class GenerativeHead(nn.Module):
         self.latent_size = latent_size
         """l: size of the latent vector the head generates."""
 
+    @abstractmethod
     def loss(
         self,
         h: torch.Tensor,
@@ -36,23 +39,22 @@ class GenerativeHead(nn.Module):
         the autoencoder posterior N(target_mean, exp(target_log_std)²) of the true
         next chunk, each (..., l); the head draws its own samples from it.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def sample_n(
         self, h: torch.Tensor, n: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """n independent samples per row in one batched pass: h (..., d) → (..., n, l)."""
-        raise NotImplementedError
 
     def sample(self, h: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """One sample per row: h (..., d) → z (..., l)."""
         return self.sample_n(h, 1, generator=generator).squeeze(-2)
 
+    @abstractmethod
     def flops_per_sample(self) -> int:
         """FLOPs (2 × multiply-adds) of one network evaluation for one row."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def sampling_steps(self) -> int:
         """Network evaluations per sample (1 for the energy head, ODE/DDPM steps otherwise)."""
-        raise NotImplementedError
