@@ -46,6 +46,19 @@ class GenerativeHead(nn.Module, ABC):
     ) -> torch.Tensor:
         """n independent samples per row in one batched pass: h (..., d) → (..., n, l)."""
 
+    def check_targets(
+        self, h: torch.Tensor, target_mean: torch.Tensor, target_log_std: torch.Tensor
+    ) -> tuple[int, ...]:
+        """The target shape (..., l) that hidden states h (..., d) need; ValueError otherwise."""
+        want = (*h.shape[:-1], self.latent_size)
+        if target_mean.shape != want or target_log_std.shape != want:
+            raise ValueError(
+                f"{type(self).__name__}: targets {tuple(target_mean.shape)}, "
+                f"{tuple(target_log_std.shape)} do not match hidden states {tuple(h.shape)} "
+                f"(want {want})"
+            )
+        return want
+
     def sample(self, h: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """One sample per row: h (..., d) → z (..., l)."""
         return self.sample_n(h, 1, generator=generator).squeeze(-2)

@@ -191,12 +191,7 @@ class DiffusionHead(GenerativeHead):
 
         Draw order with a generator: timesteps (..., N), ε (..., N, l), then the posterior noise.
         """
-        want = (*h.shape[:-1], self.latent_size)
-        if target_mean.shape != want or target_log_std.shape != want:
-            raise ValueError(
-                f"diffusion head: targets {tuple(target_mean.shape)}, {tuple(target_log_std.shape)}"
-                f" do not match hidden states {tuple(h.shape)} (want {want})"
-            )
+        want = self.check_targets(h, target_mean, target_log_std)
         shape = (*want[:-1], self.num_samples, self.latent_size)  # (..., N, l)
         kw = {"generator": generator, "device": h.device}
         i = torch.randint(0, self.train_steps, shape[:-1], **kw)  # (..., N)

@@ -235,12 +235,7 @@ class EnergyHead(GenerativeHead):
 
         Draw order with a generator: the N noise vectors, then the M target draws.
         """
-        want = (*h.shape[:-1], self.latent_size)
-        if target_mean.shape != want or target_log_std.shape != want:
-            raise ValueError(
-                f"energy head: targets {tuple(target_mean.shape)}, {tuple(target_log_std.shape)}"
-                f" do not match hidden states {tuple(h.shape)} (want {want})"
-            )
+        self.check_targets(h, target_mean, target_log_std)
         x = self.sample_n(h, self.num_samples, generator=generator)  # (..., N, l)
         n, m, l = self.num_samples, self.num_targets, self.latent_size
         dtype = _loss_dtype(x, target_mean)

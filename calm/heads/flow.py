@@ -121,12 +121,7 @@ class FlowHead(GenerativeHead):
 
         Draw order with a generator: t (..., N), x_0 (..., N, l), then the posterior noise.
         """
-        want = (*h.shape[:-1], self.latent_size)
-        if target_mean.shape != want or target_log_std.shape != want:
-            raise ValueError(
-                f"flow head: targets {tuple(target_mean.shape)}, {tuple(target_log_std.shape)}"
-                f" do not match hidden states {tuple(h.shape)} (want {want})"
-            )
+        want = self.check_targets(h, target_mean, target_log_std)
         shape = (*want[:-1], self.num_samples, self.latent_size)  # (..., N, l)
         kw = {"generator": generator, "device": h.device, "dtype": torch.float32}
         t = torch.rand(shape[:-1], **kw)  # (..., N)
