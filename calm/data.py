@@ -6,9 +6,13 @@ token stream per split. Models read fixed-length windows of that stream; the
 chunk autoencoder and CALM cut each window into chunks of K tokens, so the
 window length must be a multiple of K.
 
-``prepare_dataset`` streams: text is read one document at a time and token ids
-go to fixed-size shard files as they are produced, so memory stays bounded by
-the largest document. A dataset folder holds::
+``prepare_dataset`` streams: text is read one document at a time (parquet
+files one batch of rows at a time), documents are grouped into batches of about
+1 MB of text, and token ids go to fixed-size shard files as they are produced, so
+memory stays bounded by the largest document plus a few batches. With
+``workers > 1`` the batches are tokenized by a pool of processes, a bounded
+number in flight, and written back in input order, so the dataset is byte for
+byte the same as with one worker. A dataset folder holds::
 
     tokenizer/            Tokenizer.save
     train_00000.bin ...   raw little-endian uint16 (vocab <= 65536) or uint32 ids
@@ -26,11 +30,15 @@ import datetime
 import glob as globlib
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,11 +82,13 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
 
 # ---------------------------------------------------------------------- inputs
 
-_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst")
+_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 
 
 def _kind(path: Path) -> str:
     name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
     if name.endswith(".jsonl.zst"):
         return "jsonl.zst"
     if name.endswith(".jsonl"):
@@ -122,7 +132,7 @@ def resolve_inputs(inputs: Iterable[str]) -> list[tuple[Path, str]]:
                 f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(_SUFFIXES)
             )
             if not files:
-                raise CalmError(f"no .txt, .jsonl or .jsonl.zst files under {p}")
+                raise CalmError(f"no .txt, .jsonl, .jsonl.zst or .parquet files under {p}")
             out += [(f, f.relative_to(p).as_posix()) for f in files]
         elif p.is_file():
             out.append((p, p.name))
@@ -143,7 +153,11 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[bytes, int]]:
                 raise CalmError(
                     f"{path}: .zst files need zstandard: pip install 'calm-lm[data]'"
                 ) from None
-            reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+            # Streamed (never the whole file in memory); files made of several
+            # frames (concatenated .zst files) are read to the end.
+            reader = io.BufferedReader(
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            )
             try:
                 for line in reader:
                     yield line, raw.tell()
@@ -154,10 +168,56 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[bytes, int]]:
                 yield line, raw.tell()
 
 
+def _import_parquet():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise CalmError(".parquet files need pyarrow: pip install 'calm-lm[data]'") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _parquet_documents(
+    path: Path, name: str, text_field: str, stats: dict
+) -> Iterator[tuple[str, str]]:
+    """Rows of a parquet file's string column, read a batch of rows at a time.
+
+    Documents are named ``{name}:{row}`` (rows counted from 1, like .jsonl lines);
+    a null text is an empty document.
+    """
+    pa, pq = _import_parquet()
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise CalmError(f"{path}: not a readable parquet file ({e})") from None
+    if text_field not in schema.names:
+        raise CalmError(f"{path}: no {text_field!r} column (pass --text-field)")
+    kind = schema.field(text_field).type
+    is_view = getattr(pa.types, "is_string_view", lambda t: False)
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
+        raise CalmError(f"{path}: column {text_field!r} holds {kind}, not strings")
+    rows = max(pf.metadata.num_rows, 1)
+    size = path.stat().st_size
+    base = stats["bytes"]  # progress: the file's size times the share of rows read
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                n += 1
+                yield f"{name}:{n}", text or ""
+            stats["bytes"] = base + size * n // rows
+    except (OSError, pa.ArrowException) as e:
+        raise CalmError(f"{path}: cannot read row {n + 1} ({e})") from None
+
+
 def _file_documents(
     path: Path, name: str, text_field: str, stats: dict
 ) -> Iterator[tuple[str, str]]:
     """Documents of one input file; counts replaced bytes into ``stats``."""
+    if _kind(path) == "parquet":
+        yield from _parquet_documents(path, name, text_field, stats)
+        return
     if _kind(path) == "txt":
         try:
             data = path.read_bytes()
@@ -268,26 +328,32 @@ def prepare_dataset(
     sources: list[dict[str, Any]] | None = None,
     shard_tokens: int = SHARD_TOKENS,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Tokenize a corpus into a dataset folder; returns its ``meta.json`` content.
 
-    inputs: files, folders (recursively: .txt, .jsonl, .jsonl.zst) and globs. A
-        ``.jsonl`` file holds one document per line (field ``text_field``); any
-        other file is one document.
+    inputs: files, folders (recursively: .txt, .jsonl, .jsonl.zst, .parquet) and
+        globs. A ``.jsonl`` file holds one document per line (field
+        ``text_field``), a ``.parquet`` file one per row (string column
+        ``text_field``; needs pyarrow); any other file is one document.
     documents: instead of ``inputs``, (name, text) pairs; a callable returning a
         fresh iterable, or a list (a one-shot iterator is held in memory when a
-        BPE has to be trained, since that needs two passes).
+        BPE has to be trained, since that needs two passes; otherwise it streams).
     tokenizer: ``"bpe"`` (train a byte-level BPE of ``vocab_size`` on the corpus),
         a path (see ``resolve_tokenizer``) or a ``Tokenizer``.
     val_documents: names of documents forced into validation; when given, only
         they form the validation split (``val_fraction`` is not used).
     sources: what to record as the inputs in ``meta.json`` when ``documents`` is used.
+    workers: processes that tokenize (1: in this process). The output does not
+        depend on it.
     """
     out = Path(out_dir).expanduser()
     if not 0.0 <= val_fraction < 1.0:
         raise CalmError(f"val fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise CalmError("shard_tokens must be positive")
+    if workers < 1:
+        raise CalmError(f"workers must be at least 1, got {workers}")
     _check_out_dir(out, overwrite)
 
     # The document stream, re-playable for the two passes.
@@ -297,7 +363,8 @@ def prepare_dataset(
         if callable(documents):
             doc_source = documents
         else:
-            if iter(documents) is documents:  # one-shot iterator
+            if iter(documents) is documents and tokenizer == "bpe":
+                # A one-shot iterator, and training needs a second pass over it.
                 documents = list(documents)
 
             def doc_source():
@@ -370,6 +437,7 @@ def prepare_dataset(
             progress=progress,
             total_bytes=total_bytes,
             from_files=documents is None,
+            workers=workers,
         )
         meta["val_fraction"] = None if val_documents is not None else val_fraction
         _check_splits(meta, val_fraction, val_documents)
@@ -418,6 +486,88 @@ def _check_splits(meta: dict, val_fraction: float, val_documents: set[str] | Non
         print(f"warning: {missing} forced validation document(s) not found", file=sys.stderr)
 
 
+def _encode_texts(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
+    """Token ids of ``texts``, each followed by end of text, laid end to end.
+
+    Returns (sum of len(doc) + 1,) ids of the dataset's dtype (half the bytes to
+    send back from a worker when it is uint16), then (n,) lengths as a second row
+    of the tuple.
+    """
+    ids = tok.encode_batch(texts)
+    doc_lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))  # (n,)
+    body = np.fromiter(
+        itertools.chain.from_iterable(ids), dtype=dtype, count=int(doc_lens.sum())
+    )  # (sum len,)
+    # One end of text after each document: inserted before each document's end offset.
+    flat = np.insert(body, np.cumsum(doc_lens), np.asarray(tok.eot_id, dtype=dtype))
+    return flat, doc_lens + 1
+
+
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(tok_dir: str, dtype: str) -> None:
+    # Parallelism comes from the processes; the Rust thread pool of HF tokenizers
+    # on top would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker["tok"] = load_tokenizer(tok_dir)
+    _worker["dtype"] = np.dtype(dtype)
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_texts(_worker["tok"], texts, _worker["dtype"])
+
+
+def _encoded_batches(
+    batches: Iterator[tuple[list[str], list[str], int]],
+    tok: Tokenizer,
+    dtype: np.dtype,
+    workers: int,
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, int]]:
+    """(names, flat ids, lengths, progress) for each (names, texts, progress) batch, in order.
+
+    With several workers, at most 2 * workers batches are in flight, so memory
+    stays bounded however fast the input is read. A corpus of one batch is
+    encoded here, without starting a pool.
+    """
+    first = next(batches, None)
+    second = next(batches, None) if first is not None else None
+    if workers == 1 or second is None:
+        for names, texts, done in itertools.chain(filter(None, (first, second)), batches):
+            yield (names, *_encode_texts(tok, texts, dtype), done)
+        return
+    # fork is cheap and shares the loaded modules; spawn where fork is not the norm.
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with tempfile.TemporaryDirectory(prefix="calm-tok-") as tok_dir:
+        tok.save(tok_dir)
+        # Children inherit the environment at start: set so HF tokenizers does not
+        # warn about (and disable) its thread pool after a fork.
+        old = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = ctx.Pool(workers, _worker_init, (tok_dir, dtype.str))
+        finally:
+            if old is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = old
+        try:
+            pending: deque = deque()
+            for names, texts, done in itertools.chain((first, second), batches):
+                pending.append((names, pool.apply_async(_worker_encode, (texts,)), done))
+                del texts
+                if len(pending) >= 2 * workers:
+                    names, res, done = pending.popleft()
+                    yield (names, *res.get(), done)
+            while pending:
+                names, res, done = pending.popleft()
+                yield (names, *res.get(), done)
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
+
+
 def _tokenize_into(
     folder: Path,
     tok: Tokenizer,
@@ -429,6 +579,7 @@ def _tokenize_into(
     progress: bool,
     total_bytes: int | None,
     from_files: bool,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Pass 2: tokenize every document into the shard writers of its split."""
     from tqdm import tqdm
@@ -447,36 +598,39 @@ def _tokenize_into(
         )
     else:
         bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr)
-    eot = np.array([tok.eot_id], dtype=np.int64)
-    batch: list[tuple[str, str]] = []
-    chars = [0]
     empty = [0]
 
-    def flush():
-        ids = tok.encode_batch([t for _, t in batch])
-        for (name, _), doc_ids in zip(batch, ids):
-            split = "val" if in_val(name) else "train"
-            # Document, then end of text: (len(doc) + 1,)
-            writers[split].write(np.concatenate([np.asarray(doc_ids, dtype=np.int64), eot]))
-            writers[split].documents += 1
-        if from_files:
-            bar.update(stats["bytes"] - bar.n)
-        else:
-            bar.update(len(batch))
-        batch.clear()
-        chars[0] = 0
-
-    try:
+    def batches() -> Iterator[tuple[list[str], list[str], int]]:
+        """Documents grouped into about _BATCH_CHARS characters, with the progress so far."""
+        names: list[str] = []
+        texts: list[str] = []
+        chars = ndocs = 0
         for name, text in docs:
             if not text:
                 empty[0] += 1
                 continue
-            batch.append((name, text))
-            chars[0] += len(text)
-            if chars[0] >= _BATCH_CHARS:
-                flush()
-        if batch:
-            flush()
+            names.append(name)
+            texts.append(text)
+            chars += len(text)
+            ndocs += 1
+            if chars >= _BATCH_CHARS:
+                yield names, texts, stats["bytes"] if from_files else ndocs
+                names, texts, chars = [], [], 0
+        if names:
+            yield names, texts, stats["bytes"] if from_files else ndocs
+
+    try:
+        for names, ids, lens, done in _encoded_batches(batches(), tok, dtype, workers):
+            is_val = np.fromiter((in_val(n) for n in names), dtype=bool, count=len(names))  # (n,)
+            token_val = np.repeat(is_val, lens)  # (len(ids),) split of every token
+            for split, doc_sel, tok_sel in (
+                ("train", ~is_val, ~token_val),
+                ("val", is_val, token_val),
+            ):
+                if doc_sel.any():
+                    writers[split].write(ids[tok_sel])
+                    writers[split].documents += int(doc_sel.sum())
+            bar.update(done - bar.n)
     finally:
         bar.close()
         for w in writers.values():

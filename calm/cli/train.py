@@ -57,6 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, DEFAULTS)
     g = p.add_argument_group("generative head")
     add_config_flags(g, HeadConfig, prefix="head-")
+    # Short spellings of the most used head flags.
+    g.add_argument("--head", dest="head_kind", choices=["energy", "flow", "diffusion"],
+                   default=None, help="same as --head-kind")
+    g.add_argument("--flow-steps", dest="head_flow_steps", type=int, default=None,
+                   help="same as --head-flow-steps")
+    g.add_argument("--flow-solver", dest="head_flow_solver", choices=["euler", "midpoint"],
+                   default=None, help="same as --head-flow-solver")
+    g.add_argument("--diffusion-steps", dest="head_diffusion_steps", type=int, default=None,
+                   help="same as --head-diffusion-steps")
     p.add_argument(
         "--input-scheme", default="discrete", choices=["discrete", "continuous", "both"],
         help="how the previous chunk enters the backbone",
