@@ -489,9 +489,8 @@ def _check_splits(meta: dict, val_fraction: float, val_documents: set[str] | Non
 def _encode_texts(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
     """Token ids of ``texts``, each followed by end of text, laid end to end.
 
-    Returns (sum of len(doc) + 1,) ids of the dataset's dtype (half the bytes to
-    send back from a worker when it is uint16), then (n,) lengths as a second row
-    of the tuple.
+    Returns the ids, (sum of len(doc) + 1,) in the dataset's dtype (uint16 halves
+    what a worker sends back), and the (n,) lengths, end of text included.
     """
     ids = tok.encode_batch(texts)
     doc_lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))  # (n,)
@@ -536,36 +535,41 @@ def _encoded_batches(
         for names, texts, done in itertools.chain(filter(None, (first, second)), batches):
             yield (names, *_encode_texts(tok, texts, dtype), done)
         return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     # fork is cheap and shares the loaded modules; spawn where fork is not the norm.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with tempfile.TemporaryDirectory(prefix="calm-tok-") as tok_dir:
-        tok.save(tok_dir)
-        # Children inherit the environment at start: set so HF tokenizers does not
-        # warn about (and disable) its thread pool after a fork.
-        old = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            pool = ctx.Pool(workers, _worker_init, (tok_dir, dtype.str))
-        finally:
-            if old is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = old
-        try:
-            pending: deque = deque()
-            for names, texts, done in itertools.chain((first, second), batches):
-                pending.append((names, pool.apply_async(_worker_encode, (texts,)), done))
-                del texts
-                if len(pending) >= 2 * workers:
-                    names, res, done = pending.popleft()
-                    yield (names, *res.get(), done)
-            while pending:
-                names, res, done = pending.popleft()
-                yield (names, *res.get(), done)
-            pool.close()
-        finally:
-            pool.terminate()
-            pool.join()
+    # Children inherit the environment when they start (on the first submissions):
+    # keep HF tokenizers from warning about, and disabling, its threads after a fork.
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with tempfile.TemporaryDirectory(prefix="calm-tok-") as tok_dir:
+            tok.save(tok_dir)
+            pool = ProcessPoolExecutor(workers, ctx, _worker_init, (tok_dir, dtype.str))
+            try:
+                pending: deque = deque()
+                for names, texts, done in itertools.chain((first, second), batches):
+                    pending.append((names, pool.submit(_worker_encode, texts), done))
+                    del texts
+                    if len(pending) >= 2 * workers:
+                        names, fut, done = pending.popleft()
+                        yield (names, *fut.result(), done)
+                while pending:
+                    names, fut, done = pending.popleft()
+                    yield (names, *fut.result(), done)
+            except BrokenProcessPool:
+                raise CalmError(
+                    "a tokenizing worker process died (out of memory?); try fewer --workers"
+                ) from None
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
 def _tokenize_into(
@@ -628,7 +632,8 @@ def _tokenize_into(
                 ("val", is_val, token_val),
             ):
                 if doc_sel.any():
-                    writers[split].write(ids[tok_sel])
+                    # Skip the copy when the whole batch goes to one split.
+                    writers[split].write(ids if doc_sel.all() else ids[tok_sel])
                     writers[split].documents += int(doc_sel.sum())
             bar.update(done - bar.n)
     finally:

@@ -1,8 +1,10 @@
 """Tokenize a corpus into a dataset folder.
 
 Inputs are .txt files (one document each), .jsonl / .jsonl.zst files (one
-document per line, in a JSON field), folders (searched recursively for those) and
-globs. Each document is followed by the end-of-text token; whole documents go to
+document per line, in a JSON field), .parquet files (one document per row, in a
+string column; needs pyarrow), folders (searched recursively for those) and
+globs. Inputs are streamed, and --workers processes tokenize batches of about
+1 MB of text; the result does not depend on the number of workers. Each document is followed by the end-of-text token; whole documents go to
 the validation split, chosen by a hash of their name. The folder gets the
 tokenizer, the token shards and meta.json. By default a byte-level BPE is trained
 on the corpus; --tokenizer PATH uses an existing one instead.
@@ -11,6 +13,11 @@ on the corpus; --tokenizer PATH uses an existing one instead.
 from __future__ import annotations
 
 import argparse
+import os
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help="text files, .jsonl(.zst) files, folders or globs (quote globs)",
+        help="text files, .jsonl(.zst) or .parquet files, folders or globs (quote globs)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="dataset folder to create")
     parser.add_argument(
@@ -55,7 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of documents held out for validation (ignored with --demo)",
     )
     parser.add_argument(
-        "--text-field", default="text", metavar="NAME", help="JSON field holding a document's text"
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="JSON field (or parquet column) holding a document's text",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizing processes (default: min(4, CPU count))",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset in --out"
@@ -76,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "text_field": args.text_field,
         "overwrite": args.overwrite,
         "progress": not args.no_progress,
+        "workers": default_workers() if args.workers is None else args.workers,
     }
     if args.demo:
         if args.inputs:
