@@ -187,7 +187,7 @@ def _parquet_documents(
     """
     pa, pq = _import_parquet()
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(str(path))
         schema = pf.schema_arrow
     except Exception as e:  # pyarrow raises several types for a broken file
         raise CalmError(f"{path}: not a readable parquet file ({e})") from None
@@ -486,7 +486,9 @@ def _check_splits(meta: dict, val_fraction: float, val_documents: set[str] | Non
         print(f"warning: {missing} forced validation document(s) not found", file=sys.stderr)
 
 
-def _encode_texts(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> np.ndarray:
+def _encode_texts(
+    tok: Tokenizer, texts: list[str], dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts``, each followed by end of text, laid end to end.
 
     Returns the ids, (sum of len(doc) + 1,) in the dataset's dtype (uint16 halves
