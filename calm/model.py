@@ -53,7 +53,8 @@ class CALM(nn.Module):
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         if cfg.input_scheme in ("discrete", "both"):
             self.embed = nn.Embedding(V, d)
-            self.pad_embed = nn.Parameter(torch.zeros(d))  # an absent token slot
+            if K > 1:  # an absent token slot of a partial chunk (none exist when K = 1)
+                self.pad_embed = nn.Parameter(torch.zeros(d))
             self.compress = nn.Sequential(
                 nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d, eps=1e-6)
             )
@@ -64,7 +65,7 @@ class CALM(nn.Module):
         for name, m in self.named_children():
             if name in ("embed", "compress", "latent_in"):
                 init_weights(m)
-        if hasattr(self, "embed"):
+        if hasattr(self, "pad_embed"):
             nn.init.normal_(self.pad_embed, std=0.02)
 
     # The frozen autoencoder stays in eval mode (no dropout) whatever mode CALM is in.
@@ -97,7 +98,7 @@ class CALM(nn.Module):
         x = None
         if scheme in ("discrete", "both"):
             e = self.embed(chunks)  # (B, S, K, d)
-            if known is not None:
+            if known is not None and hasattr(self, "pad_embed"):
                 e = torch.where(known[..., None], e, self.pad_embed.to(e.dtype))
             x = self.compress(e.flatten(-2))  # (B, S, d)
         if scheme in ("continuous", "both"):
@@ -121,7 +122,7 @@ class CALM(nn.Module):
         with torch.no_grad():
             mean, log_std = self.autoencoder.encode(chunks)  # (B, C, l) targets
         known = None
-        if self.training and K > 1 and hasattr(self, "embed"):
+        if self.training and hasattr(self, "pad_embed"):
             # Show the model partial first chunks: a random prefix of chunk 0 is absent.
             r = torch.rand(B, device=tokens.device, generator=generator)
             cut = torch.randint(1, K, (B,), device=tokens.device, generator=generator)
