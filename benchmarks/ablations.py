@@ -120,7 +120,7 @@ def main() -> None:
                 ax.axhline(out["variants"]["energy"][0][key], color="black", ls="--",
                            label="energy (1 step)")
             ax.set_xscale("log")
-            ax.set_xlabel("sampling steps (network evaluations per step of the sampler)")
+            ax.set_xlabel("sampling steps (midpoint evaluates the network twice per step)")
             ax.set_ylabel(title)
             ax.set_title(f"{title} against sampling steps ({args.minutes:g} min of training each)")
             ax.grid(alpha=0.3)
