@@ -54,6 +54,7 @@ def add_config_flags(
     skip: tuple[str, ...] = (),
     prefix: str = "",
     defaults_from: Any = None,
+    default_label: str = "default",
 ) -> None:
     """One ``--field-name`` flag per field; default None means "keep the preset's value"."""
     hints = typing.get_type_hints(cls)
@@ -67,7 +68,7 @@ def add_config_flags(
         flag = "--" + prefix + f.name.replace("_", "-")
         default_note = ""
         if defaults_from is not None:
-            default_note = f" (default: {getattr(defaults_from, f.name)})"
+            default_note = f" ({default_label}: {getattr(defaults_from, f.name)})"
         helptext = docs.get(f.name, "") + default_note
         if tp is bool:
             parser.add_argument(
@@ -93,9 +94,15 @@ def overrides(args: argparse.Namespace, cls: type, *, prefix: str = "", skip=())
     return out
 
 
-def add_train_flags(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    g = parser.add_argument_group("training")
-    add_config_flags(g, TrainConfig, defaults_from=defaults)
+def add_train_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    """Training flags; their defaults come from the recipe of the chosen --preset."""
+    from calm.recipes import recipe
+
+    g = parser.add_argument_group(
+        "training (defaults: the recipe of the chosen --preset, see calm.recipes; shown for demo)"
+    )
+    add_config_flags(g, TrainConfig, defaults_from=recipe(kind, "demo").train,
+                     default_label="demo default")
 
 
 def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:

@@ -26,24 +26,18 @@ from calm.cli.common import (
     time_limit,
     train_config,
 )
-from calm.config import CALMConfig, HeadConfig, TrainConfig, TransformerConfig, preset, to_dict
+from calm.config import CALMConfig, HeadConfig, TransformerConfig, preset, to_dict
 from calm.errors import CalmError
-
-# A recipe for small budgets: small batches, a high LR and a short warm-up let the
-# zero-initialised head leave its collapsed start within minutes on a CPU.
-DEFAULTS = TrainConfig(
-    steps=1000, batch_size=4, block_size=512, lr=1e-3, warmup_steps=50, eval_every=250,
-    eval_batches=8,
-)
+from calm.recipes import recipe
 
 
-def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
     add_output_flags(p)
     p.add_argument("--preset", default="demo", choices=presets_of("transformer"), help="backbone size")
     g = p.add_argument_group("backbone (overrides of the preset)")
     add_config_flags(g, TransformerConfig, skip=("vocab_size",))
-    add_train_flags(p, defaults)
+    add_train_flags(p, kind)
     add_runtime_flags(p, training=True)
     add_resume_flags(p)
     p.add_argument("--eval-brier", action="store_true",
@@ -54,7 +48,7 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: TrainConfig) -> No
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run or checkpoint folder)")
-    add_model_arguments(p, DEFAULTS)
+    add_model_arguments(p, "calm")
     g = p.add_argument_group("generative head")
     add_config_flags(g, HeadConfig, prefix="head-")
     # Short spellings of the most used head flags.
@@ -77,7 +71,7 @@ def backbone_config(args, vocab_size: int) -> TransformerConfig:
                   **overrides(args, TransformerConfig, skip=("vocab_size",)))
 
 
-def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
+def run_training(args, *, kind: str) -> int:
     """Shared by `calm train` and `calm train-baseline`: assemble, train, report."""
     import torch
 
@@ -91,7 +85,8 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
     env = dist.setup(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group
     device = env.device
     dataset = TokenDataset(args.data)
-    tcfg = train_config(args, defaults)
+    rec = recipe(kind, args.preset)
+    tcfg = train_config(args, rec.train)
     limit = time_limit(args)  # checked before anything is written
     backbone = backbone_config(args, dataset.vocab_size)
     ckpt_cfg: dict = {"kind": kind, "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}}
@@ -109,7 +104,8 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
         if chunks < 2:
             raise CalmError(f"block size {tcfg.block_size} holds fewer than 2 chunks of K={K}")
         backbone = dataclasses.replace(backbone, max_seq_len=max(backbone.max_seq_len, chunks))
-        head = dataclasses.replace(HeadConfig(), **overrides(args, HeadConfig, prefix="head-"))
+        head = dataclasses.replace(HeadConfig(), **{**rec.head,
+                                                    **overrides(args, HeadConfig, prefix="head-")})
         cfg = CALMConfig(backbone=backbone, head=head, chunk_size=K,
                          latent_size=ae.config.latent_size, input_scheme=args.input_scheme)
         seed_everything(tcfg.seed)
@@ -179,4 +175,4 @@ def run_training(args, *, kind: str, defaults: TrainConfig) -> int:
 
 
 def run(args) -> int:
-    return run_training(args, kind="calm", defaults=DEFAULTS)
+    return run_training(args, kind="calm")

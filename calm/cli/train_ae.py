@@ -26,17 +26,12 @@ from calm.cli.common import (
     time_limit,
     train_config,
 )
-from calm.config import AutoencoderConfig, TrainConfig, preset, to_dict
+from calm.config import AutoencoderConfig, preset, to_dict
 from calm.data import TokenDataset
 from calm.errors import CalmError
+from calm.recipes import recipe
 from calm.runtime import pick_device, seed_everything, set_threads
 from calm.train import prepare_run, sharded_batches, train
-
-# The autoencoder is context-free, so the block only sets how many chunks a step sees.
-DEFAULTS = TrainConfig(
-    steps=2000, batch_size=8, block_size=512, lr=2e-3, warmup_steps=100, eval_every=500,
-    eval_batches=8,
-)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="demo", choices=presets_of("autoencoder"), help="model size")
     g = p.add_argument_group("model (overrides of the preset)")
     add_config_flags(g, AutoencoderConfig, skip=("vocab_size",))
-    add_train_flags(p, DEFAULTS)
+    add_train_flags(p, "autoencoder")
     add_runtime_flags(p, training=True)
     add_resume_flags(p)
 
@@ -64,7 +59,8 @@ def run(args) -> int:
     device = env.device
     dataset = TokenDataset(args.data)
     cfg = build_config(args, dataset.vocab_size)
-    tcfg = train_config(args, DEFAULTS)
+    # The autoencoder is context-free, so the block only sets how many chunks a step sees.
+    tcfg = train_config(args, recipe("autoencoder", args.preset).train)
     limit = time_limit(args)  # checked before anything is written
     if tcfg.block_size % cfg.chunk_size:
         raise CalmError(

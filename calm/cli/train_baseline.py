@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from calm.cli.train import DEFAULTS, add_model_arguments, run_training
+from calm.cli.train import add_model_arguments, run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p, DEFAULTS)
+    add_model_arguments(p, "baseline")
 
 
 def run(args) -> int:
-    return run_training(args, kind="baseline", defaults=DEFAULTS)
+    return run_training(args, kind="baseline")
