@@ -41,6 +41,28 @@ def read_metrics(run: Path) -> list[dict]:
     return rows
 
 
+def flops_at_steps(rows: list[dict]) -> dict[int, float]:
+    """Training FLOPs at every step that has a metrics row, interpolated between logged steps.
+
+    Training rows log ``train_flops`` every few steps; validation rows may fall between them.
+    FLOPs grow linearly with steps (every step trains the same number of tokens).
+    """
+    known = sorted((r["step"], r["train_flops"]) for r in rows if "train_flops" in r)
+    if not known:
+        return {}
+    out = {}
+    for step in {r["step"] for r in rows if "step" in r}:
+        lo = max(((s, f) for s, f in known if s <= step), default=(0, 0.0))
+        hi = min(((s, f) for s, f in known if s >= step), default=None)
+        if hi is None:  # after the last logged step: extrapolate at the average rate
+            out[step] = known[-1][1] / known[-1][0] * step if known[-1][0] else known[-1][1]
+        elif hi[0] == lo[0]:
+            out[step] = hi[1]
+        else:
+            out[step] = lo[1] + (hi[1] - lo[1]) * (step - lo[0]) / (hi[0] - lo[0])
+    return out
+
+
 def _plt():
     try:
         import matplotlib
@@ -78,7 +100,7 @@ def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
     for ax, kind in zip(axes, MODELS):
         rows = metrics.get(kind) or []
         tr = [(r["train_flops"], r["loss"]) for r in rows if "train_flops" in r and "loss" in r]
-        flops_at = {r["step"]: r["train_flops"] for r in rows if "train_flops" in r}
+        flops_at = flops_at_steps(rows)
         va = [(flops_at[r["step"]], r["val/loss"]) for r in rows
               if "val/loss" in r and r["step"] in flops_at]
         if tr:
@@ -105,7 +127,7 @@ def plot_brier(metrics: dict[str, list[dict]], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     for kind in MODELS:
         rows = metrics.get(kind) or []
-        flops_at = {r["step"]: r["train_flops"] for r in rows if "train_flops" in r}
+        flops_at = flops_at_steps(rows)
         pts = [r for r in rows if "val/brier_lm" in r and r["step"] in flops_at]
         if not pts:
             continue
