@@ -365,3 +365,23 @@ def test_tradeoff_rejects_bad_grids(calm_run, dataset_dir):
     assert main(base + ["--temperature", "0.4"]) == 2
     assert main(base + ["--n-grid", "2,x"]) == 2
     assert main(base + ["--plot", "x.png", "--baseline-temperatures", "1.5"]) == 2
+
+
+def test_tradeoff_point_labels_never_overlap():
+    """Coincident points share one label ("N=1, 2, 5"); no two labels of a plot overlap."""
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calm.cli.tradeoff import _draw_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [0.0, 0.0, 0.0, 0.001, 0.2, 0.5]
+    ax.plot(xs, [0.0] * 6, "o")
+    _draw_labels(fig, [(ax, x, 0.0, f"N={n}", False) for x, n in zip(xs, (1, 2, 5, 10, 50, 100))])
+    texts = [t.get_text() for t in ax.texts]
+    assert texts[0].startswith("N=1, 2, 5, 10") and "N=100" in texts
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)

@@ -234,12 +234,13 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5), squeeze=False)
     axes = axes[0]
 
-    def curve(ax, points, label, key, fmt, marker):
+    labels: list[tuple] = []  # (axes, x, y, text, below): drawn once the limits are final
+
+    def curve(ax, points, label, key, fmt, marker, below=False):
         xs = [p["collision"] for p in points]
         ys = [p["accuracy"] for p in points]
         ax.plot(xs, ys, marker=marker, label=label)
-        for p, x, y in zip(points, xs, ys):
-            ax.annotate(fmt(p[key]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        labels.extend((ax, x, y, fmt(p[key]), below) for p, x, y in zip(points, xs, ys))
 
     n_sweep = calm and calm["batch_size_sweep"]
     t_sweep = calm and calm["temperature_sweep"]
@@ -248,7 +249,7 @@ def plot(result: dict, path: Path) -> None:
         curve(ax, n_sweep["points"], f"CALM, N varies (T = {_frac(n_sweep['temperature'])})",
               "N", lambda v: f"N={v}", "o")
         curve(ax, t_sweep["points"], f"CALM, T varies (N = {t_sweep['num_candidates']})",
-              "temperature", lambda v: f"T={_frac(v)}", "s")
+              "temperature", lambda v: f"T={_frac(v)}", "s", below=True)
         ax.set_title("CALM: batch size N vs temperature T")
     if base:
         ax = axes[-1]
@@ -256,7 +257,7 @@ def plot(result: dict, path: Path) -> None:
             curve(ax, n_sweep["points"], f"CALM, N varies (T = {_frac(n_sweep['temperature'])})",
                   "N", lambda v: f"N={v}", "o")
         curve(ax, base["points"], "Transformer, softmax temperature", "temperature",
-              lambda v: f"{v:g}", "^")
+              lambda v: f"T={v:g}", "^", below=True)
         ax.set_title("CALM vs Transformer" if calm else "Transformer: softmax temperature")
     for ax in axes:
         ax.set_xlabel("collision rate (two samples agree; lower = more diverse)")
@@ -266,9 +267,33 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"Accuracy-diversity trade-off, geometric mean over n = 1..{result['max_n']}, "
                  f"{result['positions']} positions")
     fig.tight_layout()
+    _draw_labels(fig, labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _draw_labels(fig, labels: list[tuple]) -> None:
+    """Point labels that do not overlap: a label that would cover another joins it ("N=1, 10")."""
+    fig.canvas.draw()  # final axis limits
+    renderer = fig.canvas.get_renderer()
+    placed: list[dict] = []
+    for ax, x, y, text, below in sorted(labels, key=lambda t: (id(t[0]), t[4],
+                                                               *t[0].transData.transform((t[1], t[2])))):
+        ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -11 if below else 5),
+                          fontsize=7)
+        box = ann.get_window_extent(renderer).padded(10)
+        clash = next((q for q in placed if q["ax"] is ax and q["below"] == below
+                      and box.overlaps(q["box"])), None)
+        if clash is None:
+            placed.append({"ax": ax, "below": below, "ann": ann, "texts": [text], "box": box})
+            continue
+        ann.remove()
+        clash["texts"].append(text)
+        first = clash["texts"][0]
+        name = first.split("=")[0] + "=" if "=" in first else ""
+        clash["ann"].set_text(", ".join([first, *(t.removeprefix(name) for t in clash["texts"][1:])]))
+        clash["box"] = clash["ann"].get_window_extent(renderer).padded(10)
 
 
 def _frac(t: float) -> str:
