@@ -5,7 +5,7 @@ train CALM (K = 4) → train the token-level baseline at a comparable budget →
 evaluate both → generate samples → write a report. Every stage writes into the
 run folder; rerunning reuses the stages already finished (--fresh redoes them).
 
-Example: calm quickstart --out runs/quickstart --minutes 12
+Example: calm quickstart --out runs/quickstart --minutes 13
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ TRAIN_SHARE = 0.8  # of --minutes; the remainder goes to data, evaluation, sampl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="run folder")
-    p.add_argument("--minutes", type=float, default=11.0, help="total time budget")
+    p.add_argument("--minutes", type=float, default=13.0,
+                   help="total time budget in minutes (about 80 %% of it trains the three models)")
     p.add_argument("--data", type=Path, default=None,
                    help="use this prepared dataset instead of the demo corpus")
     p.add_argument("--fresh", action="store_true", help="redo every stage, even finished ones")

@@ -1,0 +1,265 @@
+"""Quality benchmark: CALM against token-level baselines at the same wall-clock budget.
+
+On the demo corpus (Shakespeare, *Othello* and *The Tempest* held out), within
+one total budget on this machine:
+
+1. trains one autoencoder per chunk size K = 1, 2, 4, 8 (latent 32·K, so the
+   bits per token stay those of the K = 4, latent-128 reference);
+2. trains CALM with K = 1, 2, 4, 8 (the paper's Fig. 5: semantic bandwidth as a
+   scaling axis) and token-level baselines of two sizes, each for the same
+   wall-clock share, with the library's default recipe for the preset;
+3. reports for each: BrierLM and Brier-1…4 on held-out text, perplexity
+   (baselines), training FLOPs, inference FLOPs per generated token and
+   generation tokens/s; plots BrierLM (and Brier-1, Brier-2) against training
+   FLOPs, one curve per model, from the validations during training.
+
+Usage: python benchmarks/quality.py [--minutes 60] [--data data/shakespeare]
+Writes benchmarks/results/quality.json and quality.png. Rerunning reuses the
+trainings already finished in --out (delete it, or pass --fresh, to redo them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, table, write  # noqa: E402
+
+from calm.cli import main as calm_main  # noqa: E402
+from calm.data import TokenDataset  # noqa: E402
+from calm.flops import inference_flops_per_token  # noqa: E402
+from calm.generate import generate  # noqa: E402
+from calm.loading import load_model  # noqa: E402
+from calm.report import flops_at_steps, read_metrics  # noqa: E402
+
+CHUNK_SIZES = (1, 2, 4, 8)
+# Time weights of the trainings (autoencoders are cheap and K = 1 is easy to reconstruct).
+AE_WEIGHT = {1: 0.75, 2: 1.0, 4: 1.5, 8: 2.0}
+LM_WEIGHT = 2.0
+TRAIN_SHARE = 0.86  # of --minutes; the rest is evaluation, FLOPs and generation speed
+BASELINES = {
+    # name: (label, preset, overrides of the preset)
+    "baseline": ("baseline (d 256, 4 layers)", "demo", []),
+    "baseline-wide": ("baseline (d 384, 6 layers)", "demo",
+                      ["--hidden-size", "384", "--intermediate-size", "1024", "--num-layers", "6",
+                       "--num-heads", "6"]),
+}
+CALM_PRESET = "demo"
+EVALS_PER_RUN = 6
+ASSUMED_GFLOPS = 120.0  # only to space the validations: ~70 % of this machine's peak
+
+
+def run_cli(argv: list[str], *, capture: bool = False) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
+        rc = calm_main(argv)
+    if rc != 0:
+        raise SystemExit(f"`calm {' '.join(argv)}` failed (exit {rc})")
+    return buf.getvalue()
+
+
+def done(folder: Path) -> bool:
+    return (folder / "DONE").is_file()
+
+
+def steps_between_evals(kind: str, preset: str, flags: list[str], vocab: int, ae: Path | None,
+                        minutes: float) -> int:
+    """Validation spacing for about EVALS_PER_RUN validations in ``minutes`` (a FLOPs estimate)."""
+    import dataclasses
+
+    from calm.config import CALMConfig, HeadConfig
+    from calm.config import preset as preset_config
+    from calm.flops import build_for_counting, training_flops_per_token
+    from calm.loading import load_autoencoder
+    from calm.recipes import recipe
+
+    rec = recipe(kind, preset)
+    over = {flags[i][2:].replace("-", "_"): int(flags[i + 1]) for i in range(0, len(flags), 2)}
+    backbone = preset_config("transformer", preset, vocab_size=vocab, **over)
+    if kind == "calm":
+        ae_model, _, _ = load_autoencoder(ae)
+        cfg = CALMConfig(backbone=backbone, head=dataclasses.replace(HeadConfig(), **rec.head),
+                         chunk_size=ae_model.config.chunk_size, latent_size=ae_model.config.latent_size)
+        model = build_for_counting("calm", cfg, ae_model.config)
+    else:
+        model = build_for_counting("baseline", backbone)
+    fpt = training_flops_per_token(model, rec.train.block_size)
+    tokens_per_step = rec.train.batch_size * rec.train.block_size * rec.train.grad_accum
+    steps = minutes * 60 * ASSUMED_GFLOPS * 1e9 / (fpt * tokens_per_step)
+    return max(10, int(steps / EVALS_PER_RUN))
+
+
+@torch.no_grad()
+def generation_speed(model, batch: int = 8, new_tokens: int = 96, repeat: int = 3) -> dict:
+    prompts = torch.randint(1, model_vocab(model), (batch, 16),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    run = lambda: generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,  # noqa: E731
+                           generator=torch.Generator().manual_seed(0))
+    run()  # warm-up
+    rates = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run()
+        rates.append(batch * new_tokens / (time.perf_counter() - t))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def model_vocab(model) -> int:
+    cfg = model.config
+    return (cfg.backbone if hasattr(cfg, "backbone") else cfg).vocab_size
+
+
+def curve(run: Path) -> list[dict]:
+    rows = read_metrics(run)
+    flops_at = flops_at_steps(rows)
+    return [{"step": r["step"], "train_flops": flops_at[r["step"]],
+             **{k[4:]: r[k] for k in r if k.startswith("val/brier")}}
+            for r in rows if "val/brier_lm" in r and r["step"] in flops_at]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=60.0, help="total wall-clock budget")
+    p.add_argument("--data", type=Path, default=Path("data/shakespeare"),
+                   help="prepared dataset (made from the demo corpus if missing)")
+    p.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder of the trainings")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens of the final scores")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="redo every training")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (args.data / "meta.json").is_file():
+        run_cli(["prepare", "--demo", "--out", str(args.data)])
+    ds = TokenDataset(args.data)
+    common = ["--data", str(args.data), "--threads", str(args.threads), "--no-progress"]
+
+    units = sum(AE_WEIGHT.values()) + LM_WEIGHT * (len(CHUNK_SIZES) + len(BASELINES))
+    unit = args.minutes * TRAIN_SHARE / units
+    lm_minutes = LM_WEIGHT * unit
+    print(f"budget {args.minutes:g} min: {lm_minutes:.1f} min per language model, autoencoders "
+          + ", ".join(f"K={k}: {AE_WEIGHT[k] * unit:.1f}" for k in CHUNK_SIZES), flush=True)
+
+    results: dict = {"minutes": args.minutes, "lm_minutes": lm_minutes, "autoencoders": {},
+                     "models": {}}
+    for K in CHUNK_SIZES:
+        ae = args.out / f"ae-k{K}"
+        if not done(ae):
+            print(f"--- autoencoder K={K}", flush=True)
+            run_cli(["train-ae", *common, "--out", str(ae), "--preset", "demo", "--chunk-size", str(K),
+                     "--latent-size", str(32 * K), "--steps", "1000000",
+                     "--max-minutes", f"{AE_WEIGHT[K] * unit:.3f}", "--eval-every", "0", "--overwrite"])
+            (ae / "DONE").write_text("{}\n")
+        ev = json.loads(run_cli(["eval-ae", "--model", str(ae), "--data", str(args.data), "--json",
+                                 "--threads", str(args.threads)], capture=True))
+        results["autoencoders"][K] = {k: ev[k] for k in ("acc_mean", "acc_sample", "sigma",
+                                                          "collapsed_dims", "latent_size")}
+        print(f"autoencoder K={K}: {100 * ev['acc_sample']:.2f} % decoding a sampled z", flush=True)
+
+    # name: (label, kind, preset, backbone overrides, autoencoder)
+    runs: dict[str, tuple[str, str, str, list[str], Path | None]] = {
+        f"calm-k{K}": (f"CALM K={K}", "calm", CALM_PRESET, [], args.out / f"ae-k{K}")
+        for K in CHUNK_SIZES
+    }
+    for name, (label, preset, flags) in BASELINES.items():
+        runs[name] = (label, "baseline", preset, flags, None)
+
+    for name, (label, kind, preset, flags, ae) in runs.items():
+        folder = args.out / name
+        if not done(folder):
+            print(f"--- {label}", flush=True)
+            every = steps_between_evals(kind, preset, flags, ds.vocab_size, ae, lm_minutes)
+            cmd = ["train", "--autoencoder", str(ae)] if kind == "calm" else ["train-baseline"]
+            run_cli([*cmd, *common, "--out", str(folder), "--preset", preset, *flags, "--steps", "1000000",
+                     "--max-minutes", f"{lm_minutes:.3f}", "--eval-every", str(every), "--eval-brier",
+                     "--eval-brier-tokens", "4096", "--overwrite"])
+            (folder / "DONE").write_text("{}\n")
+        ev = json.loads(run_cli(["eval", "--model", str(folder), "--data", str(args.data),
+                                 "--max-tokens", str(args.eval_tokens), "--json",
+                                 "--threads", str(args.threads)], capture=True))
+        model, _, _ = load_model(folder)
+        model.eval()
+        metrics = read_metrics(folder)
+        final = max(r["step"] for r in metrics if "step" in r)
+        last = [r for r in metrics if "train_flops" in r][-1]
+        res = {
+            "label": label, "kind": kind,
+            **{k: ev.get(k) for k in ("brier_1", "brier_2", "brier_3", "brier_4", "brier_lm",
+                                      "brier_1_se", "perplexity", "cross_entropy")},
+            "steps": final, "train_tokens": last["tokens"] // last["step"] * final,
+            "train_flops": flops_at_steps(metrics)[final],
+            "train_tokens_per_s": last.get("tokens_per_s"),
+            "inference_flops_per_token": inference_flops_per_token(model, 512),
+            "parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),
+            "generation_tokens_per_s": generation_speed(model),
+            "curve": curve(folder),
+        }
+        results["models"][name] = res
+        print(f"{label}: BrierLM {res['brier_lm']:.3f}, Brier-1 {res['brier_1']:.4f}, "
+              f"{res['train_flops']:.2e} training FLOPs", flush=True)
+
+    results["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    path = write("quality", results)
+    rows = []
+    for r in results["models"].values():
+        ppl = r.get("perplexity")
+        rows.append([r["label"], f"{r['brier_lm']:.2f}",
+                     *(f"{r[f'brier_{n}']:.4f}" for n in range(1, 5)),
+                     "–" if ppl is None else f"{ppl:.1f}", f"{r['train_flops']:.2e}",
+                     f"{r['inference_flops_per_token']:.2e}",
+                     f"{r['generation_tokens_per_s']['median']:.0f}"])
+    print(table(rows, ["model", "BrierLM", "Brier-1", "Brier-2", "Brier-3", "Brier-4", "perplexity",
+                       "training FLOPs", "inference FLOPs/token", "gen tokens/s (batch 8)"]))
+    aes = [[f"K={K}", f"{100 * a['acc_sample']:.2f} %", f"{a['sigma']:.3f}", a["collapsed_dims"]]
+           for K, a in results["autoencoders"].items()]
+    print(table(aes, ["autoencoder", "accuracy (sampled z)", "mean σ", "collapsed dims"]))
+    plot(results)
+    print(f"written to {path}")
+
+
+def plot(results: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=120)
+    colors = {"calm-k1": "#9ecae1", "calm-k2": "#4292c6", "calm-k4": "#08519c", "calm-k8": "#08306b",
+              "baseline": "#e6550d", "baseline-wide": "#a63603"}
+    for ax, key, title in zip(axes, ("brier_lm", "brier_1", "brier_2"),
+                              ("BrierLM (×100 scale)", "Brier-1", "Brier-2")):
+        for name, r in results["models"].items():
+            pts = r["curve"] or [{"train_flops": r["train_flops"], key: r[key]}]
+            style = "o-" if r["kind"] == "calm" else "s--"
+            ax.plot([q["train_flops"] for q in pts], [q[key] for q in pts], style,
+                    color=colors.get(name), label=r["label"], markersize=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel(title + " (higher is better)")
+        ax.set_title(f"{title} against training FLOPs")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Demo corpus, {results['lm_minutes']:.1f} min of training per model "
+                 "(2 CPU threads); validation on 4096 held-out tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
