@@ -124,7 +124,7 @@ def plot_brier(metrics: dict[str, list[dict]], path: Path) -> bool:
     """BrierLM and Brier-1…4 against training FLOPs, if validation recorded them."""
     plt = _plt()
     have = False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), dpi=120)
     for kind in MODELS:
         rows = metrics.get(kind) or []
         flops_at = flops_at_steps(rows)
@@ -144,8 +144,9 @@ def plot_brier(metrics: dict[str, list[dict]], path: Path) -> bool:
     for ax in axes:
         ax.set_xlabel("training FLOPs")
         ax.grid(alpha=0.3)
-        if have:
-            ax.legend(fontsize=7)
+    if have:  # beside the plots, where no curve runs under it
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     if have:
         fig.savefig(path)
@@ -203,12 +204,12 @@ def write_report(run: str | Path) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Brier-n and BrierLM: higher is better; BrierLM is 0 when any Brier-n ≤ 0 "
               "(an undertrained model), so each Brier-n is shown beside it.", ""]
-    try:
-        from calm.cli.compare import compare_table
+    runs = [run / k for k in MODELS if (run / k).is_dir()]
+    if runs:
+        from calm.cli.compare import markdown_table, run_row
 
-        lines += [compare_table([run / k for k in MODELS if (run / k).is_dir()]), ""]
-    except ImportError:
-        pass
+        lines += ["Parameters, training and inference FLOPs (the paper's Table 1 form):", "",
+                  markdown_table([run_row(r) for r in runs]), ""]
 
     lines += ["## Samples", ""]
     for s in samples:

@@ -59,6 +59,8 @@ def test_report_from_real_runs(tmp_path, capsys, ae_run, calm_run, base_run, dat
     for kind in ("calm", "baseline"):
         assert f"{evals[kind]['brier_1']:.4f} ± {evals[kind]['brier_1_se']:.4f}" in report
     assert f"{evals['baseline']['perplexity']:.2f}" in report
+    assert "| run | model | params | tokens | train FLOPs | infer FLOPs/token |" in report
+    assert "| calm | CALM" in report and "| baseline |" in report
     for s in samples:
         assert s["text"].replace("\n", " ⏎ ") in report
     for png in ("robustness.png", "training.png"):
