@@ -248,7 +248,8 @@ def plot(results: dict) -> None:
             style = "o-" if r["kind"] == "calm" else "s--"
             ax.plot([q["train_flops"] for q in pts], [q[key] for q in pts], style,
                     color=colors.get(name), label=r["label"], markersize=4)
-        ax.set_xscale("log")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        ax.set_xlim(left=0)
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel(title + " (higher is better)")
         ax.set_title(f"{title} against training FLOPs")
