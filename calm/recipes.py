@@ -55,7 +55,8 @@ RECIPES: dict[str, dict[str, Recipe]] = {
         "tiny": Recipe(_LM_SMALL),
         "demo": Recipe(_LM_SMALL),
         "bench": Recipe(_LM_SMALL),
-        **{p: Recipe(_LM_PAPER) for p in ("S", "M", "L", "XL")},
+        # The paper's CALM blocks: 8192 tokens = 2048 backbone positions at K = 4.
+        **{p: Recipe(replace(_LM_PAPER, block_size=8192, batch_size=2)) for p in ("S", "M", "L", "XL")},
     },
     "baseline": {
         "tiny": Recipe(_LM_SMALL),

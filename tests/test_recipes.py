@@ -24,8 +24,12 @@ def test_every_preset_has_a_recipe():
 
 def test_paper_presets_keep_the_paper_recipe():
     for name in ("S", "M", "L", "XL"):
-        r = recipe("calm", name).train
-        assert (r.lr, r.warmup_steps) == (3e-4, 2000)
+        for kind in ("calm", "baseline"):
+            r = recipe(kind, name).train
+            assert (r.lr, r.warmup_steps, r.weight_decay, r.grad_clip) == (3e-4, 2000, 0.1, 1.0)
+        # CALM's block of 8192 tokens is 2048 backbone positions at K = 4, the backbone's reach
+        assert recipe("calm", name).train.block_size // 4 <= PRESETS["transformer"][name].max_seq_len
+        assert recipe("baseline", name).train.block_size <= PRESETS["transformer"][name].max_seq_len
 
 
 def test_unknown_recipe():
