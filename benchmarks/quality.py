@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table, write  # noqa: E402
+from common import RESULTS, table, timed, write  # noqa: E402
 
 from calm.cli import main as calm_main  # noqa: E402
 from calm.data import TokenDataset  # noqa: E402
@@ -101,17 +100,13 @@ def steps_between_evals(kind: str, preset: str, flags: list[str], vocab: int, ae
 
 @torch.no_grad()
 def generation_speed(model, batch: int = 8, new_tokens: int = 96, repeat: int = 3) -> dict:
+    """Generated tokens/s: median, min and max over ``repeat`` runs after a warm-up."""
     prompts = torch.randint(1, model_vocab(model), (batch, 16),
                             generator=torch.Generator().manual_seed(0)).tolist()
-    run = lambda: generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,  # noqa: E731
-                           generator=torch.Generator().manual_seed(0))
-    run()  # warm-up
-    rates = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        run()
-        rates.append(batch * new_tokens / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    t = timed(lambda: generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,
+                               generator=torch.Generator().manual_seed(0)), repeat=repeat)
+    n = batch * new_tokens
+    return {"median": n / t["median"], "min": n / t["max"], "max": n / t["min"]}
 
 
 def model_vocab(model) -> int:

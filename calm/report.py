@@ -47,19 +47,19 @@ def flops_at_steps(rows: list[dict]) -> dict[int, float]:
     Training rows log ``train_flops`` every few steps; validation rows may fall between them.
     FLOPs grow linearly with steps (every step trains the same number of tokens).
     """
+    import numpy as np
+
     known = sorted((r["step"], r["train_flops"]) for r in rows if "train_flops" in r)
     if not known:
         return {}
-    out = {}
-    for step in {r["step"] for r in rows if "step" in r}:
-        lo = max(((s, f) for s, f in known if s <= step), default=(0, 0.0))
-        hi = min(((s, f) for s, f in known if s >= step), default=None)
-        if hi is None:  # after the last logged step: extrapolate at the average rate
-            out[step] = known[-1][1] / known[-1][0] * step if known[-1][0] else known[-1][1]
-        elif hi[0] == lo[0]:
-            out[step] = hi[1]
-        else:
-            out[step] = lo[1] + (hi[1] - lo[1]) * (step - lo[0]) / (hi[0] - lo[0])
+    xs = np.array([0, *(s for s, _ in known)], dtype=np.float64)  # from (0, 0)
+    ys = np.array([0.0, *(f for _, f in known)])
+    steps = sorted({r["step"] for r in rows if "step" in r})
+    out = dict(zip(steps, np.interp(steps, xs, ys).tolist()))
+    last_step, last_flops = known[-1]
+    for step in steps:
+        if step > last_step:  # after the last logged step: extrapolate at the average rate
+            out[step] = last_flops / last_step * step if last_step else last_flops
     return out
 
 

@@ -506,7 +506,7 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+                g["lr"] = lr
             model.train()
             sums: dict[str, float] = {}
             step_tokens = 0
