@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calm.config import AutoencoderConfig
@@ -93,8 +94,13 @@ class Autoencoder(nn.Module):
         """z (..., l) → logits (..., K, V), tied to the input embedding."""
         h = self.decode_hidden(z)
         wt = self.__dict__.get("vocab_projection_t")  # set by layers.decoding_layout
-        if wt is not None and h.numel() // h.shape[-1] <= 8 * self.config.chunk_size:
-            return h @ wt
+        rows = h.numel() // h.shape[-1]
+        if wt is not None and rows <= 8 * self.config.chunk_size:
+            wb = self.__dict__.get("vocab_projection_bf16")  # the bf16 precision only
+            if wb is not None and rows > 1:
+                return F.linear(h.to(wb.dtype), wb)
+            with torch.autocast("cpu", enabled=False):
+                return h.float() @ wt
         return h @ self.embed.weight.t()
 
     @torch.no_grad()
@@ -118,6 +124,8 @@ class Autoencoder(nn.Module):
             drop = torch.rand(chunks.shape, device=tokens.device, generator=generator) < p
             inputs = chunks.masked_fill(drop, 0)
         mean, log_std = self.encode(inputs)  # (B, C, l)
+        # The sampled latent in fp32 at least, also under bf16 autocast.
+        mean, log_std = mean.float(), log_std.float()
         eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)
         z = mean + torch.exp(log_std) * eps
         if self.training and p > 0:
@@ -126,16 +134,16 @@ class Autoencoder(nn.Module):
         h = self.decode_hidden(z)  # (B, C, K, d)
         # Vocabulary projection (tied) and cross-entropy fused: no (B·T, V) logits kept.
         ce, acc = linear_cross_entropy(h, self.embed.weight, chunks)
-        kl = clipped_kl(mean.float(), log_std.float(), cfg.kl_clip).mean()
+        kl = clipped_kl(mean, log_std, cfg.kl_clip).mean()
         loss = K * ce + cfg.kl_weight * kl
         with torch.no_grad():
-            raw_kl = kl_per_dim(mean.float(), log_std.float()).sum(-1)
+            raw_kl = kl_per_dim(mean, log_std).sum(-1)
             metrics = {
                 "loss": loss.detach(),
                 "ce": ce.detach(),
                 "kl": raw_kl.mean(),
                 "acc": acc.detach(),
-                "sigma": torch.exp(log_std.float()).mean(),
+                "sigma": torch.exp(log_std).mean(),
             }
         return loss, metrics
 

@@ -340,6 +340,7 @@ def evaluate_model(
     max_n: int = 4,
     brier_only: bool = False,
     progress: bool = False,
+    precision: str | None = None,
 ) -> dict:
     """Brier-1..max_n (± standard errors), BrierLM and the model's own loss on a split.
 
@@ -347,8 +348,12 @@ def evaluate_model(
     at most ``max_tokens`` tokens (at least one window). Baseline: also the
     cross-entropy (nats per token) and perplexity; CALM: the energy loss on the same
     windows. ``seed`` fixes every sample drawn. The model is evaluated in eval mode
-    and given back in the mode it came in.
+    and given back in the mode it came in. ``precision``: 'auto', 'fp32' or 'bf16'
+    (calm.precision; probabilities and estimators stay fp32); None takes
+    ``$CALM_PRECISION``, else 'auto'.
     """
+    from calm.precision import autocast, default_precision, resolve_precision
+
     model = _unwrap(model)
     split = _split(split)
     batches, windows = _windows(dataset, split, model, block_size, batch_size, max_tokens, max_n)
@@ -364,21 +369,23 @@ def evaluate_model(
         it = tqdm(it, total=-(-windows // batch_size), desc="eval", unit="batch", leave=False)
     was_training = model.training
     model.eval()
+    precision = resolve_precision(precision or default_precision(), device)
     try:
-        for batch in it:
-            x = batch.to(device)
-            brier_for_model(model, x, max_n=max_n, generator=g, stats=stats)
-            if brier_only:
-                continue
-            # The model's own loss is a mean over its predicted positions; weight it back to a sum.
-            if model.kind == "calm":
-                loss, _ = model(x, generator=g)
-                count = x.shape[0] * (x.shape[1] // model.config.chunk_size - 1)
-            else:
-                loss, _ = model(x)
-                count = x.shape[0] * (x.shape[1] - 1)
-            loss_sum += loss.double() * count
-            loss_count += count
+        with autocast(device, precision):
+            for batch in it:
+                x = batch.to(device)
+                brier_for_model(model, x, max_n=max_n, generator=g, stats=stats)
+                if brier_only:
+                    continue
+                # The model's own loss is a mean over its predicted positions; weight it back to a sum.
+                if model.kind == "calm":
+                    loss, _ = model(x, generator=g)
+                    count = x.shape[0] * (x.shape[1] // model.config.chunk_size - 1)
+                else:
+                    loss, _ = model(x)
+                    count = x.shape[0] * (x.shape[1] - 1)
+                loss_sum += loss.double() * count
+                loss_count += count
     finally:
         model.train(was_training)
 
@@ -409,6 +416,7 @@ def brier_eval_fn(
     max_tokens: int | None,
     seed: int = 0,
     split: str = "val",
+    precision: str | None = None,
 ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """A validation hook for the training loop: ``fn(model) → {brier_1..4, brier_lm}``.
 
@@ -420,7 +428,7 @@ def brier_eval_fn(
     def fn(model) -> dict[str, float]:
         r = evaluate_model(
             model, dataset, split, block_size=block_size, batch_size=batch_size,
-            max_tokens=max_tokens, seed=seed, brier_only=True,
+            max_tokens=max_tokens, seed=seed, brier_only=True, precision=precision,
         )
         return {k: r[k] for k in keys}
 

@@ -24,6 +24,7 @@ import torch
 
 from calm.errors import CalmError
 from calm.layers import decoding_layout
+from calm.precision import autocast, default_precision, resolve_precision
 
 # chooser(h (B, d)) → (tokens (B, K), latents (B, l))
 Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -75,19 +76,24 @@ def generate(
     generator: torch.Generator | None = None,
     chooser: Chooser | None = None,
     on_step: Callable[[list[list[int]]], None] | None = None,
+    precision: str | None = None,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Stops a row at ``eot_id``. ``on_step(new)`` receives each step's new tokens per
     row (for streaming). For CALM, ``chooser`` replaces the default head sampler
     (temperature sampling); for the baseline, ``temperature`` scales the softmax.
+    ``precision``: 'auto', 'fp32' or 'bf16' (calm.precision); None takes
+    ``$CALM_PRECISION``, else 'auto'.
     """
     _check_prompts(prompts)
     if not 0 < temperature <= 1:
         raise CalmError(f"temperature must be in (0, 1], got {temperature}")
     if max_new_tokens < 1:
         raise CalmError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    with decoding_layout(model):
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision or default_precision(), device)
+    with decoding_layout(model, bf16=precision == "bf16"), autocast(device, precision):
         if getattr(model, "kind", None) == "calm":
             return _generate_calm(
                 model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step

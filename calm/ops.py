@@ -8,6 +8,10 @@ each at 4096 tokens × 32000 words). Here each chunk's logits are turned into
 their gradient in place while they are still in cache, and the gradients of
 the hidden states and the weight are accumulated during the forward pass.
 The matrix products are the same three as the unfused version.
+
+Under bf16 autocast the three products run in bf16 (autocast does not reach
+into the in-place accumulation on its own); the log-sum-exp, the softmax
+gradient and the accumulated weight gradient stay in fp32.
 """
 
 from __future__ import annotations
@@ -19,26 +23,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows: int, need_grad: bool):
         # h (N, d), weight (V, d), targets (N,) → (sum of losses, number of correct argmaxes)
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         acc_dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
+        mm = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else h.dtype  # the dtype of the matrix products
+        w_mm = weight.to(mm)
+        rows = min(chunk_rows, N)
+        # Buffers reused by every chunk: fresh (rows, V) tensors of this size would be
+        # mapped and zeroed by the OS on each allocation (twice the time of the math).
+        buf_mm = torch.empty(rows, V, dtype=mm, device=h.device)  # logits, then gradient
+        buf = buf_mm if mm == acc_dtype else torch.empty(rows, V, dtype=acc_dtype, device=h.device)
+        logp = torch.empty(rows, V, dtype=acc_dtype, device=h.device)
+        gw_part = None if mm == acc_dtype else torch.empty(weight.shape, dtype=mm, device=h.device)
         loss = torch.zeros((), dtype=acc_dtype, device=h.device)
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_grad else None
-        for s in range(0, N, chunk_rows):
-            hc = h[s : s + chunk_rows]
-            tc = targets[s : s + chunk_rows]
-            logits = (hc @ weight.t()).to(acc_dtype)  # (c, V)
-            correct += (logits.argmax(-1) == tc).sum()
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        for s in range(0, N, rows):
+            hc_mm = h[s : s + rows].to(mm)
+            tc = targets[s : s + rows]
+            c = tc.shape[0]
+            torch.mm(hc_mm, w_mm.t(), out=buf_mm[:c])  # (c, V) logits
+            if buf is not buf_mm:
+                buf[:c].copy_(buf_mm[:c])
+            correct += (buf[:c].argmax(-1) == tc).sum()
+            torch.ops.aten._log_softmax.out(buf[:c], -1, False, out=logp[:c])
+            loss -= logp[:c].gather(1, tc[:, None]).sum()
             if need_grad:
                 # d loss / d logits = softmax − onehot, computed in place.
-                logits.sub_(lse[:, None]).exp_()
-                logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-                g = logits.to(h.dtype)
-                grad_h[s : s + chunk_rows] = g @ weight
-                grad_w.addmm_(g.t().to(acc_dtype), hc.to(acc_dtype))
+                g = logp[:c].exp_()
+                g[torch.arange(c, device=tc.device), tc] -= 1.0
+                buf_mm[:c].copy_(g)
+                g = buf_mm[:c]
+                grad_h[s : s + rows] = g @ w_mm
+                if gw_part is None:
+                    grad_w.addmm_(g.t(), hc_mm)
+                else:
+                    torch.mm(g.t(), hc_mm, out=gw_part)
+                    grad_w += gw_part
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         ctx.need_grad = need_grad

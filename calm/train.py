@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from calm.checkpoint import (
 )
 from calm.config import TrainConfig, to_dict
 from calm.errors import CalmError
+from calm.precision import autocast, default_precision, resolve_precision
 
 
 class NonFiniteTraining(CalmError):
@@ -96,13 +96,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         betas=(cfg.beta1, cfg.beta2),
         fused=(device.type == "cuda" and not sharded) or None,
     )
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 elsewhere (CPUs here lack fast bf16)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def micro_batch_seed(seed: int, index: int) -> int:
@@ -372,6 +365,7 @@ def train(
     max_bad_steps: int = 10,
     handle_signals: bool = True,
     time_limit: float | None = None,
+    precision: str | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps; return the final figures.
 
@@ -386,8 +380,12 @@ def train(
     ``NonFiniteTraining`` after ``max_bad_steps`` non-finite steps in a row (0: never).
     ``flops_per_token`` (training FLOPs) adds a running FLOPs count. ``time_limit``
     (seconds of training) ends a run early, e.g. a quickstart's budget.
+    ``precision``: 'auto', 'fp32' or 'bf16' (autocast over fp32 weights and optimizer
+    state; calm.precision); None takes ``$CALM_PRECISION``, else 'auto'.
     """
     device = torch.device(device)
+    # Every rank runs at rank 0's choice (the timing behind 'auto' could differ per process).
+    precision = dist.broadcast_object(resolve_precision(precision or default_precision(), device))
     core = dist.unwrap(model)
     if core is model and not dist.is_fsdp(model):
         model.to(device)
@@ -477,7 +475,7 @@ def train(
         print(
             f"{desc}: global batch {rows_per_step} sequences = {cfg.batch_size} per device × "
             f"{cfg.grad_accum} accumulation × {W} process{'es' if W > 1 else ''} "
-            f"({rows_per_step * cfg.block_size} tokens per step)"
+            f"({rows_per_step * cfg.block_size} tokens per step), {precision}"
             + (f"; resuming from {resume} at step {step}" if resume is not None else ""),
             flush=True,
         )
@@ -487,7 +485,7 @@ def train(
             last_step = step >= cfg.steps or time_up
             if evaluate is not None and (last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start)):
                 model.eval()
-                with torch.no_grad(), autocast_for(device):
+                with torch.no_grad(), autocast(device, precision):
                     figures = evaluate(eval_model)
                 model.train()
                 last_eval = {f"val/{k}": v for k, v in dist.reduce_eval(figures).items()}
@@ -520,7 +518,7 @@ def train(
                     kwargs["generator"] = gen.manual_seed(micro_batch_seed(cfg.seed, index))
                 # DDP / FSDP reduce gradients on the last micro-batch of the step only.
                 with dist.no_sync(model, a == cfg.grad_accum - 1):
-                    with autocast_for(device):
+                    with autocast(device, precision):
                         loss, metrics = model(batch, **kwargs)
                     (loss / cfg.grad_accum).backward()
                 for k, v in metrics.items():

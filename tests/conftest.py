@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from calm.cli import main
-from calm.config import CALMConfig, HeadConfig, preset
+# Figures that do not depend on the CPU: fp32 unless a test asks for bf16 itself
+# (set before calm is imported; subprocesses inherit it).
+os.environ["CALM_PRECISION"] = "fp32"
+
+from calm.cli import main  # noqa: E402
+from calm.config import CALMConfig, HeadConfig, preset  # noqa: E402
 
 WORDS = [
     "the", "king", "queen", "crown", "sword", "night", "day", "love", "death", "river", "stone",

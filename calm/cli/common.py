@@ -119,10 +119,23 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, training: bool = False
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    g.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default=None,
+        help="matrix precision: bf16 autocast over fp32 weights, or fp32; auto (default, or "
+             "$CALM_PRECISION) picks bf16 on CUDA and on CPUs with fast bf16 matrix "
+             "instructions (AMX, AVX-512-BF16), fp32 elsewhere",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if training:
         g.add_argument("--max-minutes", type=float, default=None,
                        help="stop training after this many minutes (the final eval and save still run)")
+
+
+def precision_of(args: argparse.Namespace, device) -> str:
+    """The resolved precision ('fp32' or 'bf16') of a command's --precision on ``device``."""
+    from calm.precision import default_precision, resolve_precision
+
+    return resolve_precision(getattr(args, "precision", None) or default_precision(), device)
 
 
 def time_limit(args: argparse.Namespace) -> float | None:

@@ -180,12 +180,14 @@ def run_row(run_dir: Path, context: int | None = None) -> dict[str, Any]:
 def evaluate_run(run_dir: Path, args) -> dict[str, Any]:
     """Evaluate the run's latest checkpoint on --data and save RUN/eval.json."""
     from calm.checkpoint import read_state
+    from calm.cli.common import precision_of
     from calm.data import TokenDataset
     from calm.evaluate import evaluate_model
     from calm.loading import check_same_tokenizer, load_model
     from calm.runtime import pick_device
 
-    model, ckpt, cfg = load_model(run_dir, pick_device(args.device))
+    device = pick_device(args.device)
+    model, ckpt, cfg = load_model(run_dir, device)
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; compare CALM and baseline runs")
     dataset = TokenDataset(args.data)
@@ -206,6 +208,7 @@ def evaluate_run(run_dir: Path, args) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         seed=args.seed,
+        precision=precision_of(args, device),
     )
     r = dict(r)
     r["checkpoint"] = str(ckpt)

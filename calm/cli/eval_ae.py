@@ -16,7 +16,7 @@ import json
 import torch
 
 from calm.autoencoder import health
-from calm.cli.common import add_runtime_flags
+from calm.cli.common import add_runtime_flags, precision_of
 from calm.data import TokenDataset, eval_batches
 from calm.loading import check_same_tokenizer, load_autoencoder
 from calm.runtime import pick_device, set_threads
@@ -44,7 +44,10 @@ def run(args) -> int:
     max_batches = max(1, args.max_tokens // (args.batch_size * block))
     batches = eval_batches(dataset, args.split, block, args.batch_size, max_batches=max_batches)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    h = health(ae, batches, generator=g)
+    from calm.precision import autocast
+
+    with autocast(device, precision_of(args, device)):
+        h = health(ae, batches, generator=g)
     h["checkpoint"] = str(ckpt)
     if args.json:
         print(json.dumps(h))

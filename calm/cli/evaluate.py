@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 
-from calm.cli.common import add_runtime_flags
+from calm.cli.common import add_runtime_flags, precision_of
 from calm.errors import CalmError
 
 
@@ -77,6 +77,7 @@ def run(args) -> int:
     r = evaluate_model(
         model, dataset, args.split, block_size=block, batch_size=args.batch_size,
         max_tokens=args.max_tokens, seed=args.seed, progress=not args.no_progress and not args.json,
+        precision=precision_of(args, device),
     )
     r["checkpoint"] = str(ckpt)
     if args.json:

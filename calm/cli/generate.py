@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from calm.cli.common import add_runtime_flags
+from calm.cli.common import add_runtime_flags, precision_of
 from calm.errors import CalmError
 
 
@@ -118,7 +118,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   eot_id=tok.eot_id, generator=generator, chooser=chooser, on_step=on_step)
+                   eot_id=tok.eot_id, generator=generator, chooser=chooser, on_step=on_step,
+                   precision=precision_of(args, device))
     dt = time.perf_counter() - t0
     n_new = sum(len(t) for t in out.tokens)
     if stream:

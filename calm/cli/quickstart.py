@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="redo every stage, even finished ones")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="matrix precision of every stage (default: auto, see `calm train --help`)")
 
 
 def _stage(name: str) -> None:
@@ -76,6 +78,8 @@ def run(args) -> int:
     t_start = time.perf_counter()
     train_minutes = args.minutes * TRAIN_SHARE
     common = ["--device", args.device, "--threads", str(args.threads)]
+    if args.precision:
+        common += ["--precision", args.precision]
     summary: dict = {"minutes": args.minutes}
 
     _stage("1/6 data")
@@ -97,7 +101,7 @@ def run(args) -> int:
     else:
         print(f"reusing {ae}")
     ae_eval = json.loads(_capture(["eval-ae", "--model", str(ae), "--data", str(data), "--json",
-                                   *common[:2]]))
+                                   *common[:2], *common[4:]]))
     (out / "autoencoder_eval.json").write_text(json.dumps(ae_eval, indent=2) + "\n")
     summary["autoencoder"] = ae_eval
     print(f"autoencoder: accuracy {100 * ae_eval['acc_sample']:.2f} % decoding a sampled z, "
@@ -129,7 +133,7 @@ def run(args) -> int:
     for kind in ("calm", "baseline"):
         if have_eval:
             res = json.loads(_capture(["eval", "--model", str(out / kind), "--data", str(data),
-                                       "--max-tokens", "16384", "--json", *common[:2]]))
+                                       "--max-tokens", "16384", "--json", *common[:2], *common[4:]]))
             (out / kind / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
             summary[kind] = res
 
@@ -139,7 +143,7 @@ def run(args) -> int:
         for temp in (1.0, 0.5):
             lines = _capture(["generate", "--model", str(out / kind), "--prompt", "ROMEO:",
                               "--prompt", "To be, or not", "--max-new-tokens", "48",
-                              "--temperature", str(temp), "--seed", "0", "--json", *common[:2]])
+                              "--temperature", str(temp), "--seed", "0", "--json", *common[:2], *common[4:]])
             for line in lines.splitlines():
                 rec = json.loads(line)
                 samples.append({"model": kind, "temperature": temp, **rec})

@@ -376,30 +376,34 @@ def run(args) -> int:
     result: dict = {"model": str(ckpt), "data": str(args.data), "split": args.split,
                     "block_size": block, "positions": P, "max_n": max_n, "seed": args.seed}
     verbose = not args.json and not args.no_progress
-    if calm is not None:
-        calm.eval()
-        h, truth = calm_contexts(calm, tokens, P)
-        prune = not args.no_prune
-        n_pts, t_pts = [], []
-        for N in n_grid:
-            n_pts.append(calm_point(calm, h, truth, N, n_fixed, max_n, args.seed, prune))
-            _log(verbose, f"CALM N={N} T=1/{n_fixed}", n_pts[-1])
-        for n in inv_grid:
-            t_pts.append(calm_point(calm, h, truth, args.num_candidates, n, max_n, args.seed, prune))
-            _log(verbose, f"CALM N={args.num_candidates} T=1/{n}", t_pts[-1])
-        result["calm"] = {
-            "chunk_size": K,
-            "batch_size_sweep": {"temperature": 1.0 / n_fixed, "points": n_pts},
-            "temperature_sweep": {"num_candidates": args.num_candidates, "points": t_pts},
-        }
-    if base is not None:
-        base.eval()
-        pos = torch.arange(1, per_window + 1, device=device) * K - 1  # prefix ends at a boundary
-        pts = []
-        for t in base_grid:
-            pts.append(baseline_point(base, tokens, pos, max_n, t, args.seed, P))
-            _log(verbose, f"baseline T={t:g}", pts[-1])
-        result["baseline"] = {"model": str(base_ckpt), "points": pts}
+    from calm.cli.common import precision_of
+    from calm.precision import autocast
+
+    with autocast(device, precision_of(args, device)):
+        if calm is not None:
+            calm.eval()
+            h, truth = calm_contexts(calm, tokens, P)
+            prune = not args.no_prune
+            n_pts, t_pts = [], []
+            for N in n_grid:
+                n_pts.append(calm_point(calm, h, truth, N, n_fixed, max_n, args.seed, prune))
+                _log(verbose, f"CALM N={N} T=1/{n_fixed}", n_pts[-1])
+            for n in inv_grid:
+                t_pts.append(calm_point(calm, h, truth, args.num_candidates, n, max_n, args.seed, prune))
+                _log(verbose, f"CALM N={args.num_candidates} T=1/{n}", t_pts[-1])
+            result["calm"] = {
+                "chunk_size": K,
+                "batch_size_sweep": {"temperature": 1.0 / n_fixed, "points": n_pts},
+                "temperature_sweep": {"num_candidates": args.num_candidates, "points": t_pts},
+            }
+        if base is not None:
+            base.eval()
+            pos = torch.arange(1, per_window + 1, device=device) * K - 1  # prefix ends at a boundary
+            pts = []
+            for t in base_grid:
+                pts.append(baseline_point(base, tokens, pos, max_n, t, args.seed, P))
+                _log(verbose, f"baseline T={t:g}", pts[-1])
+            result["baseline"] = {"model": str(base_ckpt), "points": pts}
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

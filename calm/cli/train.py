@@ -21,6 +21,7 @@ from calm.cli.common import (
     add_runtime_flags,
     add_train_flags,
     overrides,
+    precision_of,
     prepare_out_dir,
     presets_of,
     time_limit,
@@ -84,6 +85,7 @@ def run_training(args, *, kind: str) -> int:
     set_threads(args.threads)
     env = dist.setup(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group
     device = env.device
+    precision = precision_of(args, device)
     dataset = TokenDataset(args.data)
     rec = recipe(kind, args.preset)
     tcfg = train_config(args, rec.train)
@@ -143,7 +145,8 @@ def run_training(args, *, kind: str) -> int:
         from calm.evaluate import brier_eval_fn
 
         brier = brier_eval_fn(dataset, block_size=tcfg.block_size, batch_size=tcfg.batch_size,
-                              max_tokens=args.eval_brier_tokens, seed=tcfg.seed)
+                              max_tokens=args.eval_brier_tokens, seed=tcfg.seed,
+                              precision=precision)
 
     def evaluate(m):
         # Sums over rows, reduced across ranks by the loop; each batch draws its noise
@@ -164,7 +167,7 @@ def run_training(args, *, kind: str) -> int:
         checkpoint_config=ckpt_cfg, tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
         flops_per_token=flops, progress=not args.no_progress, desc=f"train {kind}",
         time_limit=limit, resume=resume, keep_checkpoints=args.keep_checkpoints,
-        max_bad_steps=args.max_bad_steps,
+        max_bad_steps=args.max_bad_steps, precision=precision,
     )
     if env.is_main:
         print(json.dumps({"step": result.step, **{k: round(v, 5) for k, v in result.last_metrics.items()},

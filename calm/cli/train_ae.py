@@ -21,6 +21,7 @@ from calm.cli.common import (
     add_runtime_flags,
     add_train_flags,
     overrides,
+    precision_of,
     prepare_out_dir,
     presets_of,
     time_limit,
@@ -57,6 +58,7 @@ def run(args) -> int:
     set_threads(args.threads)
     env = dist.setup(pick_device(args.device))  # under torchrun: cuda:LOCAL_RANK, process group
     device = env.device
+    precision = precision_of(args, device)
     dataset = TokenDataset(args.data)
     cfg = build_config(args, dataset.vocab_size)
     # The autoencoder is context-free, so the block only sets how many chunks a step sees.
@@ -89,6 +91,7 @@ def run(args) -> int:
         tokenizer=dataset.tokenizer, loader_state=loader.state_dict,
         progress=not args.no_progress, desc="train-ae", time_limit=limit,
         resume=resume, keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
+        precision=precision,
     )
     if env.is_main:
         print(json.dumps({"step": result.step, **result.last_eval,
