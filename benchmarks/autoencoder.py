@@ -5,11 +5,13 @@
    decoding μ and decoding a sampled z (paper: ≥ 99.9 %), mean σ, collapsed
    dimensions and the robustness curve.
 2. Measures training tokens/s at the reference size (vocab 32000, hidden 512,
-   intermediate 1280, 2+2 layers, latent 128, K 4, batch 8 × 512 tokens, fp32)
-   and compares it with the FLOP-bound of this machine.
+   intermediate 1280, 2+2 layers, latent 128, K 4, batch 8 × 512 tokens) at each
+   precision (fp32, and bf16 where `auto` picks it) and compares it with this
+   machine's FLOP limit at that precision, measured when the benchmark starts.
 
 Usage: python benchmarks/autoencoder.py [--minutes 9] [--threads 2] [--skip-quality]
-Writes benchmarks/results/autoencoder.json.
+       [--precision fp32,bf16]
+Writes benchmarks/results/autoencoder-<machine>.json (one file per kind of CPU).
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, timed, write  # noqa: E402
+from common import cpu_model, format_limits, machine_limits, table, timed, write  # noqa: E402
 
 from calm.autoencoder import Autoencoder, health  # noqa: E402
 from calm.config import TrainConfig, preset  # noqa: E402
 from calm.data import BatchLoader, TokenDataset, eval_batches, prepare_dataset  # noqa: E402
 from calm.demo import DEMO_VALIDATION, demo_documents  # noqa: E402
+from calm.precision import autocast, resolve_precision  # noqa: E402
 from calm.train import train  # noqa: E402
 
-PEAK_GFLOPS = 175.0  # fp32 matmul on 2 threads of this machine (DEVELOPERS.md)
+AUTHORS = {"AMD EPYC": 903.0, "Intel Xeon": 923.0}  # their code at the reference size, tokens/s
+
+
+def authors_tokens_per_s() -> float | None:
+    cpu = " ".join(cpu_model().replace("(R)", " ").replace("(TM)", " ").split())
+    return next((v for k, v in AUTHORS.items() if cpu.startswith(k)), None)
 
 
 def demo_dataset(path: Path) -> TokenDataset:
@@ -63,7 +71,8 @@ def accuracy_by_training_count(model, ds: TokenDataset, val, bounds=(0, 1, 5, 20
              "acc_sample": float(right[i] / total[i]) if total[i] else None} for i in range(len(bounds))]
 
 
-def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int) -> dict:
+def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int,
+            precision: str = "auto") -> dict:
     cfg = preset("autoencoder", "demo", vocab_size=ds.vocab_size)
     tcfg = TrainConfig(steps=steps, batch_size=batch, block_size=512, lr=lr, warmup_steps=100,
                        eval_every=0, seed=0)
@@ -71,19 +80,21 @@ def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int)
     model = Autoencoder(cfg)
     loader = BatchLoader(ds, "train", 512, batch, seed=0, chunk_size=4)
     t0 = time.perf_counter()
-    res = train(model, tcfg, iter(loader), run_dir=None, time_limit=60 * minutes, desc="demo AE")
+    precision = resolve_precision(precision, "cpu")
+    res = train(model, tcfg, iter(loader), run_dir=None, time_limit=60 * minutes, desc="demo AE",
+                precision=precision)
     wall = time.perf_counter() - t0
     val = eval_batches(ds, "val", 512, 16)  # the whole held-out split
     h = health(model, val, generator=torch.Generator().manual_seed(0))
     h["by_training_count"] = accuracy_by_training_count(model, ds, val)
     return {"config": {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
                        "latent": cfg.latent_size, "K": cfg.chunk_size, "vocab": cfg.vocab_size,
-                       "batch_tokens": batch * 512, "lr": lr},
+                       "batch_tokens": batch * 512, "lr": lr, "precision": precision},
             "steps": res.step, "train_seconds": wall, "train_tokens_per_s": res.tokens_per_second,
             **h}
 
 
-def reference_speed(repeat: int) -> dict:
+def reference_speed(repeat: int, precision: str, peak_gflops: float) -> dict:
     cfg = preset("autoencoder", "reference")
     torch.manual_seed(0)
     model = Autoencoder(cfg)
@@ -91,7 +102,8 @@ def reference_speed(repeat: int) -> dict:
     x = torch.randint(0, cfg.vocab_size, (8, 512))
 
     def step():
-        loss, _ = model(x)
+        with autocast("cpu", precision):
+            loss, _ = model(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -111,11 +123,13 @@ def reference_speed(repeat: int) -> dict:
         + 3 * d * f  # position-wise decoder layer
     )
     flops = 6 * per_token_macs * tokens
-    bound = PEAK_GFLOPS * 1e9 / (6 * per_token_macs)
-    return {"tokens_per_step": tokens, "step_seconds": t, "tokens_per_s": tokens / t["median"],
+    bound = peak_gflops * 1e9 / (6 * per_token_macs)
+    return {"precision": precision, "tokens_per_step": tokens, "step_seconds": t,
+            "tokens_per_s": tokens / t["median"],
             "tokens_per_s_min_max": [tokens / t["max"], tokens / t["min"]],
             "flops_per_step": flops, "achieved_gflops": flops / t["median"] / 1e9,
-            "flop_bound_tokens_per_s": bound, "reference_tokens_per_s": 900.0}
+            "peak_gflops": peak_gflops, "flop_bound_tokens_per_s": bound,
+            "authors_tokens_per_s": authors_tokens_per_s()}
 
 
 def main() -> None:
@@ -129,14 +143,31 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("data/shakespeare"))
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--precision", default=None,
+                   help="reference-size speed: comma list of fp32, bf16 (default: fp32, plus "
+                        "bf16 where auto picks it)")
+    p.add_argument("--quality-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="precision of the demo autoencoder's training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out: dict = {}
-    if not args.skip_quality:
-        out["demo"] = quality(demo_dataset(args.data), args.minutes, args.steps, args.lr, args.batch)
     if not args.skip_speed:
-        out["reference_speed"] = reference_speed(args.repeat)
-    path = write("autoencoder", out)
+        limits = machine_limits(sorted({1, args.threads}))
+        print(f"{cpu_model()}: {format_limits(limits)}", flush=True)
+        out["limits"] = limits
+    if not args.skip_quality:
+        out["demo"] = quality(demo_dataset(args.data), args.minutes, args.steps, args.lr, args.batch,
+                              args.quality_precision)
+    if not args.skip_speed:
+        if args.precision:
+            precisions = [resolve_precision(x.strip(), "cpu") for x in args.precision.split(",")]
+        else:
+            precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", "cpu") == "bf16" else [])
+        out["reference_speed"] = [
+            reference_speed(args.repeat, prec, limits[str(args.threads)][f"matmul_{prec}_gflops"])
+            for prec in precisions
+        ]
+    path = write("autoencoder", out, per_machine=True)
     rows = []
     if "demo" in out:
         q = out["demo"]
@@ -150,15 +181,22 @@ def main() -> None:
             ["demo: collapsed dimensions", f"{q['collapsed_dims']} / {q['latent_size']}"],
             ["demo: training", f"{q['steps']} steps, {q['train_seconds'] / 60:.1f} min, {q['train_tokens_per_s']:.0f} tokens/s"],
         ]
-    if "reference_speed" in out:
-        s = out["reference_speed"]
+    for s in out.get("reference_speed", []):
         lo, hi = s["tokens_per_s_min_max"]
+        prec, ref = s["precision"], s["authors_tokens_per_s"]
         rows += [
-            ["reference size: training tokens/s", f"{s['tokens_per_s']:.0f} (min–max {lo:.0f}–{hi:.0f})"],
-            ["  vs the authors' ~900 tokens/s", f"{s['tokens_per_s'] / 900:.2f}×"],
-            ["  matmul GFLOP/s (share of 175 peak)", f"{s['achieved_gflops']:.0f} ({s['achieved_gflops'] / PEAK_GFLOPS:.0%})"],
-            ["  FLOP-bound tokens/s at 175 GFLOP/s", f"{s['flop_bound_tokens_per_s']:.0f}"],
+            [f"reference size, {prec}: training tokens/s",
+             f"{s['tokens_per_s']:.0f} (min–max {lo:.0f}–{hi:.0f})"],
+            [f"  vs the authors' {ref:.0f} tokens/s on this CPU kind" if ref else
+             "  vs the authors'", f"{s['tokens_per_s'] / ref:.2f}×" if ref else "not measured here"],
+            [f"  matmul GFLOP/s (share of the {prec} limit {s['peak_gflops']:.0f})",
+             f"{s['achieved_gflops']:.0f} ({s['achieved_gflops'] / s['peak_gflops']:.0%})"],
+            ["  FLOP-bound tokens/s", f"{s['flop_bound_tokens_per_s']:.0f}"],
         ]
+    speeds = out.get("reference_speed", [])
+    if len(speeds) == 2:
+        rows.append([f"reference size: {speeds[1]['precision']} / {speeds[0]['precision']}",
+                     f"{speeds[1]['tokens_per_s'] / speeds[0]['tokens_per_s']:.2f}×"])
     print(table(rows, ["figure", "value"]))
     print(f"\nwritten to {path} ({torch.get_num_threads()} threads)")
 

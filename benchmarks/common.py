@@ -13,18 +13,89 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
-    import numpy
-    import torch
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""CPU flags that decide the matrix kernels (recorded with every result)."""
 
+
+def cpu_model() -> str:
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine_tag() -> str:
+    """A short name of this CPU kind for per-machine result files, e.g. 'intel-xeon-amx'."""
+    import re
+
+    cpu = cpu_model().lower()
+    cpu = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*$|\d+-core", " ", cpu)
+    words = re.findall(r"[a-z0-9]+", cpu)[:3]
+    flags = cpu_flags()
+    extra = "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else \
+        "avx2" if "avx2" in flags else ""
+    return "-".join(words + ([extra] if extra and extra not in words else [])) or "unknown"
+
+
+def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096) -> dict:
+    """This machine's own limits, measured now: fp32 and bf16 matmul GFLOP/s (size²)
+    and fp32 matrix-vector read bandwidth (GB/s, a gemv² weight), at each thread count.
+
+    Every speed figure of the benchmarks is reported as a share of the limit that
+    applies to it, so no peak is assumed from another machine.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            row = {}
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+                s = timed(lambda: a @ b, warmup=2, repeat=5)["min"]
+                row[f"matmul_{name}_gflops"] = 2 * size**3 / s / 1e9
+            w = torch.randn(gemv, gemv)
+            wt, x = w.t().contiguous(), torch.randn(1, gemv)
+            s = min(timed(lambda: F.linear(x, w), warmup=5, repeat=20)["min"],
+                    timed(lambda: x @ wt, warmup=5, repeat=20)["min"])
+            row["gemv_fp32_gbs"] = w.numel() * 4 / s / 1e9
+            out[str(t)] = row
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def format_limits(limits: dict) -> str:
+    return "; ".join(
+        f"{t} thread{'s' if t != '1' else ''}: fp32 {r['matmul_fp32_gflops']:.0f}, "
+        f"bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s, gemv {r['gemv_fp32_gbs']:.1f} GB/s"
+        for t, r in limits.items()
+    )
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+
+    cpu = cpu_model()
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -32,6 +103,8 @@ def machine() -> dict:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
+        "machine_tag": machine_tag(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average_1min": load,
@@ -54,9 +127,11 @@ def timed(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeat}
 
 
-def write(name: str, payload: dict) -> Path:
+def write(name: str, payload: dict, per_machine: bool = False) -> Path:
+    """results/NAME.json, or results/NAME-<machine tag>.json for figures that depend
+    on the CPU (kept side by side, one file per kind of machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}-{machine_tag()}.json" if per_machine else f"{name}.json")
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     return path
 

@@ -6,12 +6,20 @@ N = 8 samples, and the reference-size autoencoder. Random weights: speed does
 not depend on them (generation never stops early: no end-of-text).
 
 - generation tokens/s at temperature 1, prompt 32 tokens, 256 new tokens, batch 1 and 8,
-  with each model's share of its memory-bandwidth or compute limit;
-- training tokens/s, batch 8 × 512 tokens;
-- BrierLM evaluation time of one 1024-token sequence.
+  with each model's share of its roofline limit: min(compute limit, weight-reading
+  limit) from this machine's own matmul GFLOP/s and matrix-vector bandwidth, measured
+  when the benchmark starts (batch 1 is bound by reading the weights);
+- training tokens/s, batch 8 × 512 tokens, with its share of the matmul limit
+  (training FLOPs per token from calm.flops);
+- BrierLM evaluation time of one 1024-token sequence;
+each at every precision asked for (default: fp32, and bf16 where `auto` picks it).
 
-Usage: python benchmarks/speed.py [--threads 2] [--decode-threads 1] [--repeat 3] [--only gen,train]
-Writes benchmarks/results/speed.json.
+"Authors'" figures are the authors' implementation measured on a machine of the same
+CPU kind (AMD EPYC or Intel Xeon, see AUTHORS); none are shown for another CPU.
+
+Usage: python benchmarks/speed.py [--threads 2] [--decode-threads 2] [--precision fp32,bf16]
+       [--repeat 3] [--only gen,train,eval]
+Writes benchmarks/results/speed-<machine>.json (one file per kind of CPU).
 """
 
 from __future__ import annotations
@@ -23,22 +31,45 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table, timed, write  # noqa: E402
+from common import (  # noqa: E402
+    cpu_model,
+    format_limits,
+    machine_limits,
+    table,
+    timed,
+    write,
+)
 
 from calm.autoencoder import Autoencoder  # noqa: E402
 from calm.baseline import TokenLM  # noqa: E402
 from calm.config import CALMConfig, HeadConfig, TrainConfig, preset  # noqa: E402
+from calm.flops import training_flops_per_token  # noqa: E402
 from calm.generate import generate  # noqa: E402
 from calm.model import CALM  # noqa: E402
+from calm.precision import autocast, resolve_precision  # noqa: E402
 from calm.train import make_optimizer  # noqa: E402
 
-PEAK_GFLOPS = 175.0  # fp32 matmul, 2 threads (DEVELOPERS.md)
-PEAK_GBS = 40.0  # memory copy bandwidth
-REFERENCE = {  # the authors' implementation on this machine (tokens/s)
-    "gen_b1": {"calm": 137.0, "baseline": 58.0},
-    "gen_b8": {"calm": 743.0, "baseline": 202.0},
-    "train": {"calm": 1135.0, "baseline": 409.0},
+AUTHORS = {  # the authors' implementation at these sizes, by CPU kind (tokens/s; medians)
+    "AMD EPYC": {  # 2 cores, AVX2
+        "gen_b1": {"calm": 137.0, "baseline": 58.0},
+        "gen_b8": {"calm": 743.0, "baseline": 202.0},
+        "train": {"calm": 1135.0, "baseline": 409.0},
+        "eval_seconds": {"calm": 1.0, "baseline": 59.0},
+    },
+    "Intel Xeon": {  # 2 cores, AVX-512 and AMX; timed by an independent harness
+        "gen_b1": {"calm": 129.0, "baseline": 44.0},
+        "gen_b8": {"calm": 603.0, "baseline": 169.0},
+        "train": {"calm": 963.0, "baseline": 391.0},
+    },
 }
+
+
+def authors_figures() -> dict:
+    cpu = " ".join(cpu_model().replace("(R)", " ").replace("(TM)", " ").split())
+    for kind, figures in AUTHORS.items():
+        if cpu.startswith(kind):
+            return figures
+    return {}
 
 
 def build(max_seq_len: int = 1024):
@@ -55,19 +86,34 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def per_token_costs(calm: CALM, base: TokenLM) -> dict:
-    """Bytes of weights read and multiply-adds per generated token, at batch 1."""
+def per_token_costs(calm: CALM, base: TokenLM, precision: str = "fp32", batch: int = 1) -> dict:
+    """Bytes of weights read per generated token of one row, and multiply-adds per token.
+
+    In bf16 decoding (calm.layers.decoding_layout) one-row products read fp32 weights
+    and few-row products bf16 copies (half the bytes): at batch 1 only CALM's
+    autoencoder layers after the expand and its vocabulary projection (they run on the
+    K token positions), at batch 8 every product.
+    """
     K = calm.config.chunk_size
     ae = calm.autoencoder
-    dec = [ae.from_latent, *ae.dec_pre, ae.expand, *ae.dec_post, ae.dec_norm]
-    dec_bytes = sum(weight_bytes(m) for m in dec) + weight_bytes(ae.embed)  # tied projection
+    half = 0.5 if precision == "bf16" else 1.0  # bytes of a bf16 copy per fp32 byte
+    few_rows = half
+    if batch > 1:
+        return {k: (v * half if "bytes" in k else v)
+                for k, v in per_token_costs(calm, base, "fp32", 1).items()}
+    dec = [ae.from_latent, *ae.dec_pre, ae.expand, ae.dec_norm]
+    dec_bytes = (sum(weight_bytes(m) for m in dec)
+                 + few_rows * (sum(weight_bytes(m) for m in ae.dec_post) + weight_bytes(ae.embed)))
     calm_step_bytes = (weight_bytes(calm.backbone) + weight_bytes(calm.compress)
                        + weight_bytes(calm.head) + dec_bytes)
     base_bytes = weight_bytes(base.backbone) + weight_bytes(base.lm_head)
     # Multiply-adds ≈ weights touched once per row (embedding lookups excluded), the
     # autoencoder's vocabulary projection counted once per each of the K positions.
     V, d_ae = ae.config.vocab_size, ae.config.hidden_size
-    calm_macs = (calm_step_bytes - weight_bytes(ae.embed)) / 4 + K * V * d_ae
+    calm_params = (sum(p.numel() for m in (calm.backbone, calm.compress, calm.head)
+                       for p in m.parameters())
+                   + sum(p.numel() for m in dec + list(ae.dec_post) for p in m.parameters()))
+    calm_macs = calm_params + K * V * d_ae
     base_macs = base_bytes / 4
     return {
         "calm_bytes_per_token": calm_step_bytes / K,
@@ -77,14 +123,14 @@ def per_token_costs(calm: CALM, base: TokenLM) -> dict:
     }
 
 
-def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int) -> dict:
+def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int, precision: str) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, 32000, (batch, 32), generator=g).tolist()
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
         def run(model=model):
             generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,
-                     generator=torch.Generator().manual_seed(1))
+                     generator=torch.Generator().manual_seed(1), precision=precision)
         t = timed(run, warmup=1, repeat=repeat)
         n = batch * new_tokens
         out[name] = {"seconds": t, "tokens_per_s": n / t["median"],
@@ -92,7 +138,7 @@ def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int) -> di
     return out
 
 
-def bench_training(calm, base, repeat: int) -> dict:
+def bench_training(calm, base, repeat: int, precision: str) -> dict:
     x = torch.randint(0, 32000, (8, 512))
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
@@ -101,7 +147,8 @@ def bench_training(calm, base, repeat: int) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step(model=model, opt=opt, params=params):
-            loss, _ = model(x)
+            with autocast("cpu", precision):
+                loss, _ = model(x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -109,12 +156,13 @@ def bench_training(calm, base, repeat: int) -> dict:
 
         t = timed(step, warmup=1, repeat=repeat)
         out[name] = {"seconds": t, "tokens_per_s": x.numel() / t["median"],
-                     "tokens_per_s_min_max": [x.numel() / t["max"], x.numel() / t["min"]]}
+                     "tokens_per_s_min_max": [x.numel() / t["max"], x.numel() / t["min"]],
+                     "flops_per_token": training_flops_per_token(model, x.shape[1])}
         model.eval()
     return out
 
 
-def bench_eval(calm, base, repeat: int) -> dict:
+def bench_eval(calm, base, repeat: int, precision: str) -> dict:
     """BrierLM (Brier-1..4) of one 1024-token sequence, random weights."""
     from calm.evaluate import brier_for_model
 
@@ -122,74 +170,112 @@ def bench_eval(calm, base, repeat: int) -> dict:
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
         def run(model=model):
-            with torch.no_grad():
+            with torch.no_grad(), autocast("cpu", precision):
                 brier_for_model(model, x, generator=torch.Generator().manual_seed(0))
         t = timed(run, warmup=1, repeat=repeat)
         out[name] = {"seconds": t}
     return out
 
 
+def generation_limit(costs: dict, key: str, batch: int, limits: dict, precision: str) -> dict:
+    """Roofline tokens/s of decoding: the lower of the compute limit and the limit of
+    reading the weights once per step for ``batch`` rows (batch 1: bandwidth-bound)."""
+    flops = 2 * costs[f"{key}_macs_per_token"]
+    compute = limits[f"matmul_{precision}_gflops"] * 1e9 / flops
+    memory = limits["gemv_fp32_gbs"] * 1e9 * batch / costs[f"{key}_bytes_per_token"]
+    return {"tokens_per_s": min(compute, memory),
+            "bound": "memory" if memory < compute else "compute",
+            "compute_tokens_per_s": compute, "memory_tokens_per_s": memory}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for training and batch 8")
-    p.add_argument("--decode-threads", type=int, default=1,
-                   help="intra-op threads for batch-1 decoding (small ops: 1 thread avoids pool waits)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="intra-op threads for batch-1 decoding (0: the same as --threads)")
+    p.add_argument("--precision", default=None,
+                   help="comma list of fp32, bf16 (default: fp32, plus bf16 where auto picks it)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--only", default="gen,train,eval", help="comma list of: gen, train, eval")
     args = p.parse_args()
     only = set(args.only.split(","))
+    decode_threads = args.decode_threads or args.threads
+    torch.set_num_threads(args.threads)
+    if args.precision:
+        precisions = [resolve_precision(x.strip(), "cpu") for x in args.precision.split(",")]
+    else:
+        precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", "cpu") == "bf16" else [])
+    limits = machine_limits(sorted({1, args.threads, decode_threads}))
+    print(f"{cpu_model()}: {format_limits(limits)}", flush=True)
+    ref = authors_figures()
     calm, base = build()
-    costs = per_token_costs(calm, base)
     result: dict = {"setting": {"backbone": "hidden 512, ffn 1376, 8 layers, 8 heads, vocab 32000",
                                 "K": 4, "head_blocks": 2, "N": 8, "prompt": 32,
                                 "new_tokens": args.new_tokens, "threads": args.threads,
-                                "decode_threads_batch1": args.decode_threads},
-                    "costs": costs, "reference": REFERENCE}
+                                "decode_threads_batch1": decode_threads},
+                    "limits": limits, "authors": ref, "precisions": {}}
     rows = []
-    if "gen" in only:
-        for batch, threads in ((1, args.decode_threads), (8, args.threads)):
-            torch.set_num_threads(threads)
-            g = bench_generation(calm, base, batch, args.new_tokens, args.repeat)
-            for name, key in (("calm", "calm"), ("baseline", "base")):
-                tps = g[name]["tokens_per_s"]
-                if batch == 1:  # bound by reading the weights
-                    limit = PEAK_GBS * 1e9 / costs[f"{key}_bytes_per_token"]
-                else:  # bound by compute
-                    limit = PEAK_GFLOPS * 1e9 / (2 * costs[f"{key}_macs_per_token"])
-                g[name]["limit_tokens_per_s"] = limit
-                g[name]["share_of_limit"] = tps / limit
-                lo, hi = g[name]["tokens_per_s_min_max"]
-                ref = REFERENCE[f"gen_b{batch}"][name]
-                rows.append([f"generate, batch {batch}, {threads} thr", name, f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
-                             f"{tps / limit:.0%} of {'memory' if batch == 1 else 'compute'} limit {limit:.0f}",
-                             f"{tps / ref:.2f}×"])
-            g["calm_over_baseline"] = g["calm"]["tokens_per_s"] / g["baseline"]["tokens_per_s"]
-            rows.append([f"generate, batch {batch}", "CALM / baseline", f"{g['calm_over_baseline']:.2f}×",
-                         "", ""])
-            result[f"generation_batch{batch}"] = g
-    if "train" in only:
-        torch.set_num_threads(args.threads)
-        t = bench_training(calm, base, args.repeat)
-        for name in ("calm", "baseline"):
-            tps = t[name]["tokens_per_s"]
-            lo, hi = t[name]["tokens_per_s_min_max"]
-            rows.append([f"train, 8×512, {args.threads} thr", name, f"{tps:.0f} ({lo:.0f}–{hi:.0f})", "",
-                         f"{tps / REFERENCE['train'][name]:.2f}×"])
-        result["training"] = t
-    if "eval" in only:
-        torch.set_num_threads(args.threads)
-        e = bench_eval(calm, base, args.repeat)
-        ref = {"calm": 1.0, "baseline": 59.0}
-        for name in ("calm", "baseline"):
-            t = e[name]["seconds"]
-            rows.append([f"BrierLM of 1024 tokens, {args.threads} thr", name,
-                         f"{t['median']:.2f} s ({t['min']:.2f}–{t['max']:.2f})", "",
-                         f"{ref[name] / t['median']:.2f}× faster"])
-        e["reference_seconds"] = ref
-        result["evaluation"] = e
-    path = write("speed", result)
-    print(table(rows, ["what", "model", "tokens/s median (min–max)", "limit", "vs authors'"]))
+
+    def vs_authors(value: float, key: str, name: str) -> str:
+        r = ref.get(key, {}).get(name)
+        return f"{value / r:.2f}×" if r else "–"
+
+    for prec in precisions:
+        res: dict = {"costs": {f"batch{b}": per_token_costs(calm, base, prec, b) for b in (1, 8)}}
+        if "gen" in only:
+            for batch, threads in ((1, decode_threads), (8, args.threads)):
+                torch.set_num_threads(threads)
+                costs = res["costs"]["batch1" if batch == 1 else "batch8"]
+                g = bench_generation(calm, base, batch, args.new_tokens, args.repeat, prec)
+                for name, key in (("calm", "calm"), ("baseline", "base")):
+                    tps = g[name]["tokens_per_s"]
+                    lim = generation_limit(costs, key, batch, limits[str(threads)], prec)
+                    g[name]["limit"] = lim
+                    g[name]["share_of_limit"] = tps / lim["tokens_per_s"]
+                    lo, hi = g[name]["tokens_per_s_min_max"]
+                    rows.append([f"generate, batch {batch}, {threads} thr", prec, name,
+                                 f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
+                                 f"{tps / lim['tokens_per_s']:.0%} of {lim['bound']} limit "
+                                 f"{lim['tokens_per_s']:.0f}",
+                                 vs_authors(tps, f"gen_b{batch}", name)])
+                g["calm_over_baseline"] = g["calm"]["tokens_per_s"] / g["baseline"]["tokens_per_s"]
+                rows.append([f"generate, batch {batch}", prec, "CALM / baseline",
+                             f"{g['calm_over_baseline']:.2f}×", "", ""])
+                res[f"generation_batch{batch}"] = g
+        if "train" in only:
+            torch.set_num_threads(args.threads)
+            t = bench_training(calm, base, args.repeat, prec)
+            peak = limits[str(args.threads)][f"matmul_{prec}_gflops"] * 1e9
+            for name in ("calm", "baseline"):
+                tps = t[name]["tokens_per_s"]
+                lo, hi = t[name]["tokens_per_s_min_max"]
+                bound = peak / t[name]["flops_per_token"]
+                t[name]["limit_tokens_per_s"] = bound
+                t[name]["share_of_limit"] = tps / bound
+                rows.append([f"train, 8×512, {args.threads} thr", prec, name,
+                             f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
+                             f"{tps / bound:.0%} of compute limit {bound:.0f}",
+                             vs_authors(tps, "train", name)])
+            res["training"] = t
+        if "eval" in only:
+            torch.set_num_threads(args.threads)
+            e = bench_eval(calm, base, args.repeat, prec)
+            for name in ("calm", "baseline"):
+                t = e[name]["seconds"]
+                r = ref.get("eval_seconds", {}).get(name)
+                rows.append([f"BrierLM of 1024 tokens, {args.threads} thr", prec, name,
+                             f"{t['median']:.2f} s ({t['min']:.2f}–{t['max']:.2f})", "",
+                             f"{r / t['median']:.2f}× faster" if r else "–"])
+            res["evaluation"] = e
+        result["precisions"][prec] = res
+    for name in ("calm", "baseline"):
+        if len(precisions) == 2 and "train" in only:
+            a, b = (result["precisions"][x]["training"][name]["tokens_per_s"] for x in precisions)
+            rows.append(["train, 8×512", "/".join(precisions[::-1]), name, f"{b / a:.2f}×", "", ""])
+    path = write("speed", result, per_machine=True)
+    print(table(rows, ["what", "precision", "model", "tokens/s median (min–max)", "limit",
+                       "vs authors'"]))
     print(f"\nwritten to {path}")
 
 
