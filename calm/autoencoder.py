@@ -37,6 +37,10 @@ class Autoencoder(nn.Module):
         d, K, l = cfg.hidden_size, cfg.chunk_size, cfg.latent_size
         ff, eps = cfg.intermediate_size, cfg.rms_norm_eps
         self.embed = nn.Embedding(cfg.vocab_size, d)  # shared with the decoder's output
+        if cfg.token_mask not in ("learned", "id0"):
+            raise ValueError(f"token_mask must be 'learned' or 'id0', got {cfg.token_mask!r}")
+        if cfg.token_mask == "learned":  # what a dropped or absent input token reads
+            self.mask_embed = nn.Parameter(torch.zeros(d))
         ne, nd = cfg.num_encoder_layers, cfg.num_decoder_layers
         self.enc_pre = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(ne // 2))
         self.squeeze = nn.Linear(K * d, d, bias=False)
@@ -58,6 +62,8 @@ class Autoencoder(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+        if hasattr(self, "mask_embed"):
+            nn.init.normal_(self.mask_embed, std=0.02)
         # Residual outputs scaled down so that the stacks start close to identity.
         n = self.config.num_encoder_layers + self.config.num_decoder_layers
         for m in self.modules():
@@ -66,11 +72,22 @@ class Autoencoder(nn.Module):
 
     # ------------------------------------------------------------------ encode / decode
 
-    def encode(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (..., K) → (μ, log σ), each (..., l)."""
+    def encode(
+        self, tokens: torch.Tensor, known: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (..., K) → (μ, log σ), each (..., l).
+
+        known (..., K) bool: False marks a masked slot (a dropped token in training, an
+        absent one before a prompt's first token), which reads the mask embedding
+        (or id 0 with ``token_mask='id0'``) instead of its token.
+        """
         K, d = self.config.chunk_size, self.config.hidden_size
         lead = tokens.shape[:-1]
+        if known is not None and not hasattr(self, "mask_embed"):
+            tokens = tokens.masked_fill(~known, 0)
         h = self.embed(tokens)  # (..., K, d)
+        if known is not None and hasattr(self, "mask_embed"):
+            h = torch.where(known[..., None], h, self.mask_embed.to(h.dtype))
         for layer in self.enc_pre:
             h = layer(h)
         h = self.squeeze(h.reshape(*lead, K * d))  # (..., d)
@@ -118,12 +135,11 @@ class Autoencoder(nn.Module):
         K, p = cfg.chunk_size, cfg.dropout
         B, T = tokens.shape
         chunks = tokens.reshape(B, T // K, K)
-        inputs = chunks
+        known = None
         if self.training and p > 0:
-            # Token dropout: inputs replaced by id 0; the targets stay the true tokens.
-            drop = torch.rand(chunks.shape, device=tokens.device, generator=generator) < p
-            inputs = chunks.masked_fill(drop, 0)
-        mean, log_std = self.encode(inputs)  # (B, C, l)
+            # Token dropout: inputs replaced by the mask; the targets stay the true tokens.
+            known = torch.rand(chunks.shape, device=tokens.device, generator=generator) >= p
+        mean, log_std = self.encode(chunks, known)  # (B, C, l)
         # The sampled latent in fp32 at least, also under bf16 autocast.
         mean, log_std = mean.float(), log_std.float()
         eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator)

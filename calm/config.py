@@ -42,7 +42,12 @@ class AutoencoderConfig:
     kl_clip: float = 0.5
     """λ_KL: per-dimension floor of the KL term (against posterior collapse)."""
     dropout: float = 0.15
-    """p: token dropout (inputs replaced by id 0) and latent dropout rate (training only)."""
+    """p: token dropout (inputs replaced by the mask) and latent dropout rate (training only)."""
+    token_mask: str = "learned"
+    """What a dropped or absent input token reads: 'learned' (a mask embedding of its own)
+    or 'id0' (token id 0, as the reference; id 0 is also end-of-text, which the
+    autoencoder then cannot tell from a masked slot). Checkpoints without this field
+    read 'id0'."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +142,10 @@ class TrainConfig:
     """Peak learning rate (constant after warm-up, as the reference)."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
+    warmdown: float = 0.0
+    """Fraction of the run at its end over which the LR falls linearly to 0 (0: constant,
+    as the reference). With a time budget the run's end is whichever comes first,
+    the last step or the budget."""
     weight_decay: float = 0.1
     """AdamW weight decay (matrices only)."""
     beta1: float = 0.9

@@ -188,9 +188,7 @@ def calm_sample_ngrams(
     P = positions.numel()
     V = _vocab_size(model)
     chunks = tokens.view(B, C, K)
-    latents = None
-    if model.config.input_scheme != "discrete":
-        latents, _ = model.autoencoder.encode(chunks[:, :-1])  # (B, S0, l) true chunks' means
+    latents = model.input_latents(chunks[:, :-1])  # (B, S0, l) true chunks' means, or None
 
     cache = model.make_cache(B, S0 + (m - 1) * P) if m > 1 else None
     h = model.backbone(model.inputs(chunks[:, :-1], latents), cache=cache)  # (B, S0, d)
@@ -203,7 +201,7 @@ def calm_sample_ngrams(
         cache = cache.select(torch.arange(B, device=tokens.device).repeat(2))  # (2B rows)
         for j in range(m - 1):
             new = slice(S0 + j * P, S0 + (j + 1) * P)  # slots of this step's sampled chunks
-            x = model.inputs(sampled[-1], z if latents is not None else None)  # (2B, P, d)
+            x = model.inputs(sampled[-1], model.input_latents(sampled[-1]))  # (2B, P, d)
             h = model.backbone(
                 x, positions=lay.position_ids[new], cache=cache,
                 attn_mask=lay.attn_mask[new, : new.stop],

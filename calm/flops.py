@@ -208,6 +208,10 @@ def training_parts(model: nn.Module, block_size: int) -> dict[str, float]:
         }
         if loss:
             parts["energy loss distances"] = P * loss
+        if cfg.input_scheme == "both" and cfg.chunk_size > 1:
+            # Training re-encodes each block's first chunk with its absent slots masked.
+            parts["autoencoder encoder (first chunk, masked)"] = encoder_flops(
+                model.autoencoder.config)
     else:
         cfg = model.config
         P = T - 1

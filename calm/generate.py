@@ -146,9 +146,7 @@ def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, t
     padded = not bool(real.all())
     key_mask = torch.ones(B, C + new_chunks, dtype=torch.bool, device=device)
     key_mask[:, :C] = real
-    latents = None
-    if model.config.input_scheme != "discrete":
-        latents, _ = model.autoencoder.encode(chunks)  # absent slots read as id 0 (dropout id)
+    latents = model.input_latents(chunks, known)  # continuous input: μ of the prompt's chunks
     cache = model.make_cache(B, C + new_chunks)
     h = model.step(
         chunks, latents, cache=cache, positions=positions,
@@ -159,15 +157,17 @@ def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, t
     done = torch.zeros(B, dtype=torch.bool)
     steps = 0
     for _ in range(new_chunks):
-        tokens, z = chooser(h)  # (B, K), (B, l)
+        tokens, _ = chooser(h)  # (B, K), (B, l)
         steps += 1
         added = _finish_rows(tokens, eot_id, done, out, max_new_tokens)
         if on_step is not None:
             on_step(added)
         if bool(done.all()):
             break
+        # The continuous input reads the encoder's μ of the chosen tokens, as in training.
+        prev = model.input_latents(tokens[:, None])
         h = model.step(
-            tokens[:, None], z[:, None] if latents is not None else None, cache=cache, positions=pos,
+            tokens[:, None], prev, cache=cache, positions=pos,
             key_mask=key_mask[:, : cache.length + 1] if padded else None,
         )
         pos = pos + 1

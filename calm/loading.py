@@ -24,13 +24,20 @@ def checkpoint_kind(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return ckpt, cfg
 
 
+def autoencoder_fields(data: dict) -> dict:
+    """An autoencoder config's JSON fields, with the defaults of checkpoints written before
+    a field existed (they masked dropped tokens with id 0)."""
+    return {"token_mask": "id0", **data} if isinstance(data, dict) else data
+
+
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
     from calm.autoencoder import Autoencoder
 
     ckpt, cfg = checkpoint_kind(path)
     if cfg["kind"] != "autoencoder":
         raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not an autoencoder")
-    model_cfg = from_dict(AutoencoderConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
+    model_cfg = from_dict(AutoencoderConfig, autoencoder_fields(cfg.get("model", {})),
+                          where=f"{ckpt}/config.json model")
     model = Autoencoder(model_cfg)
     load_weights_into(model, read_weights(ckpt), str(ckpt))
     return model.to(device).eval(), ckpt, cfg

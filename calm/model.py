@@ -108,6 +108,17 @@ class CALM(nn.Module):
             x = c if x is None else x + c
         return x
 
+    @torch.no_grad()
+    def input_latents(
+        self, chunks: torch.Tensor, known: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """What the continuous input reads for chunks (..., K): the frozen encoder's mean μ
+        of their tokens (absent slots masked), in training and at inference alike; None
+        for the discrete scheme."""
+        if self.config.input_scheme == "discrete":
+            return None
+        return self.autoencoder.encode(chunks, known)[0]
+
     # ------------------------------------------------------------------ training
 
     def forward(
@@ -129,7 +140,12 @@ class CALM(nn.Module):
             cut = torch.where(r < PARTIAL_FIRST_CHUNK, cut, torch.zeros_like(cut))
             known = torch.ones(B, T // K - 1, K, dtype=torch.bool, device=tokens.device)
             known[:, 0] = torch.arange(K, device=tokens.device)[None, :] >= cut[:, None]
-        x = self.inputs(chunks[:, :-1], mean[:, :-1], known)  # (B, C−1, d)
+        prev = None
+        if self.config.input_scheme != "discrete":
+            prev = mean[:, :-1]
+            if known is not None:  # a partial first chunk: μ of what is there, as at inference
+                prev = torch.cat([self.input_latents(chunks[:, :1], known[:, :1]), prev[:, 1:]], 1)
+        x = self.inputs(chunks[:, :-1], prev, known)  # (B, C−1, d)
         h = self.backbone(x)
         loss, metrics = self.head.loss(h, mean[:, 1:], log_std[:, 1:], generator=generator)
         metrics = {"loss": loss.detach(), **metrics}

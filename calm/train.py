@@ -67,10 +67,19 @@ class NonFiniteTraining(CalmError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to the peak, then constant (the reference's schedule)."""
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up to the peak, then constant (the reference's schedule), then, with
+    ``cfg.warmdown`` > 0, a linear fall to 0 over that last fraction of the run.
+
+    ``progress`` in [0, 1]: how far the run is (default step / steps; a time-budgeted
+    run passes the larger of that and its share of the budget used)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.warmdown > 0:
+        done = step / max(cfg.steps, 1) if progress is None else progress
+        left = 1.0 - min(max(done, 0.0), 1.0)
+        if left < cfg.warmdown:
+            return cfg.lr * left / cfg.warmdown
     return cfg.lr
 
 
@@ -502,7 +511,10 @@ def train(
 
             # ---- one optimizer step
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            progress = step / max(cfg.steps, 1)
+            if time_limit is not None:
+                progress = max(progress, t_train / time_limit)
+            lr = lr_at(step, cfg, progress)
             for g in opt.param_groups:
                 g["lr"] = lr
             model.train()

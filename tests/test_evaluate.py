@@ -217,6 +217,9 @@ class FakeCALM:
         self.head = FakeHead(table, bos=NC)
         self.autoencoder = SimpleNamespace(decode_tokens=lambda z: digits(z[..., 0].long(), K))
 
+    def input_latents(self, chunks, known=None):
+        return None  # the discrete input scheme
+
     def inputs(self, chunks, latents=None, known=None):
         K = chunks.shape[-1]
         return (chunks * VC ** torch.arange(K - 1, -1, -1)).sum(-1, keepdim=True).float()
@@ -348,7 +351,9 @@ def test_calm_rollout_matches_step_by_step_decoding(K, scheme):
             z = model.head.sample(h)
             tok = model.autoencoder.decode_tokens(z)  # (2, K)
             out.append(tok)
-            h = model.step(tok[:, None], z[:, None] if lat is not None else None, cache=cache)
+            # The continuous input reads the encoder's μ of the decoded tokens, as in training.
+            prev = model.autoencoder.encode(tok[:, None])[0] if lat is not None else None
+            h = model.step(tok[:, None], prev, cache=cache)
         assert torch.equal(s1[:, i], torch.cat(out, -1)[:, :4]), i
 
 

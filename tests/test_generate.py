@@ -57,14 +57,16 @@ def reference_calm(model, prompt, steps, generator):
     """No cache: recompute the backbone over the whole chunk sequence at every step.
 
     The prompt is right-aligned in its chunks; leading absent slots read the pad
-    embedding. Draws the same head noise as the default chooser (one per step).
+    embedding (and, for the continuous input, the encoder's mask). Draws the same head
+    noise as the default chooser (one per step). The continuous input reads the
+    encoder's μ of each chunk's tokens, as in training.
     """
     pad = (-len(prompt)) % K
     chunks = torch.tensor([[0] * pad + list(prompt)]).view(1, -1, K)  # (1, C, K)
     known = torch.tensor([[False] * pad + [True] * len(prompt)]).view(1, -1, K)
     latents = None
     if model.config.input_scheme != "discrete":
-        latents = model.autoencoder.encode(chunks)[0]  # (1, C, l)
+        latents = model.autoencoder.encode(chunks, known)[0]  # (1, C, l)
     out, hs = [], []
     with torch.no_grad():
         for _ in range(steps):
@@ -76,7 +78,7 @@ def reference_calm(model, prompt, steps, generator):
             chunks = torch.cat([chunks, tok[:, None]], 1)
             known = torch.cat([known, torch.ones(1, 1, K, dtype=torch.bool)], 1)
             if latents is not None:
-                latents = torch.cat([latents, z[:, None]], 1)
+                latents = torch.cat([latents, model.autoencoder.encode(tok[:, None])[0]], 1)
     return out, hs
 
 

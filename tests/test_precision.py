@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BLOCK, cli_ok
 
 from calm import precision as P
 from calm.baseline import TokenLM
@@ -15,7 +16,6 @@ from calm.errors import CalmError
 from calm.layers import decoding_layout
 from calm.ops import linear_cross_entropy
 from calm.train import train
-from conftest import BLOCK, cli_ok
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -112,6 +112,8 @@ def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig
             raise CalmError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise CalmError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.warmdown < 1:
+        raise CalmError(f"--warmdown must be in [0, 1), got {cfg.warmdown}")
     return cfg
 
 

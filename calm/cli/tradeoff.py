@@ -132,9 +132,7 @@ def calm_contexts(model, tokens: torch.Tensor, positions: int) -> tuple[torch.Te
     K = model.config.chunk_size
     W, T = tokens.shape
     chunks = tokens.view(W, T // K, K)
-    latents = None
-    if model.config.input_scheme != "discrete":
-        latents, _ = model.autoencoder.encode(chunks[:, :-1])
+    latents = model.input_latents(chunks[:, :-1])
     h = model.backbone(model.inputs(chunks[:, :-1], latents))  # (W, C−1, d)
     return h.reshape(-1, h.shape[-1])[:positions], chunks[:, 1:].reshape(-1, K)[:positions]
 
