@@ -70,12 +70,12 @@ def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096) -> dict:
             row = {}
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-                s = timed(lambda: a @ b, warmup=2, repeat=5)["min"]
+                s = timed(lambda a=a, b=b: a @ b, warmup=2, repeat=5)["min"]
                 row[f"matmul_{name}_gflops"] = 2 * size**3 / s / 1e9
             w = torch.randn(gemv, gemv)
             wt, x = w.t().contiguous(), torch.randn(1, gemv)
-            s = min(timed(lambda: F.linear(x, w), warmup=5, repeat=20)["min"],
-                    timed(lambda: x @ wt, warmup=5, repeat=20)["min"])
+            s = min(timed(lambda x=x, w=w: F.linear(x, w), warmup=5, repeat=20)["min"],
+                    timed(lambda x=x, wt=wt: x @ wt, warmup=5, repeat=20)["min"])
             row["gemv_fp32_gbs"] = w.numel() * 4 / s / 1e9
             out[str(t)] = row
     finally:
