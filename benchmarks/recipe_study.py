@@ -5,7 +5,9 @@ autoencoder (trained first, or --autoencoder DIR); CALM with the demo backbone
 (d 256, 4 layers), the demo recipe (batches of 4 × 512 tokens, lr 1e-3, 50
 warm-up steps, AdamW β 0.9/0.95, weight decay 0.1, clip 1.0) and the energy head
 (1 block of width 256, noise 64, N 8, M 100), trained for --steps optimizer
-steps (equal steps, so the comparison does not depend on the machine's load).
+steps (equal steps, so the comparison does not depend on the machine's load),
+with the head's last Linear zero-initialised as the reference does (the base
+predates the demo recipe's final_init='default', which this study led to).
 Every model is scored on the same held-out tokens (--eval-tokens, default
 16,384) with Brier-1…4 ± SE, seed 0, in fp32.
 
@@ -14,7 +16,10 @@ Variants (names on the command line, --only a,b,c):
   init-reference           head Linears N(0, 0.02), zero biases (the reference's init)
   head-lr-3, head-lr-10    the head's learning rate × 3 / × 10 (its own param group)
   cond-gain-3              the condition path's LayerNorm gain starts at 3 (not 1)
-  noise-gain-0.3           the noise path's LayerNorm gain starts at 0.3
+  noise-gain-0.3           the noise path's LayerNorm gain starts at 0.3 (also -0.1)
+  final-init-default       the head's last Linear keeps PyTorch's default init (not zero)
+  final-init-0.02          the head's last Linear ~ N(0, 0.02), zero bias
+  alpha-1.5, alpha-1.25    the energy score's exponent α (strictly proper in (0, 2))
   noise-16, noise-256      noise size 16 / 256
   latent-norm              targets divided by the RMS of the latent means (the head
                            predicts z / s; samples are multiplied back by s)
@@ -24,7 +29,7 @@ Variants (names on the command line, --only a,b,c):
   warmdown-0.3             the LR falls linearly to 0 over the last 30 % of the steps
   batch-8x256, batch-2x1024  the same 2048 tokens per step in another shape
   flow                     the flow-matching head (midpoint, 4 steps) for comparison
-  seed2:NAME               NAME with training seed 2 (the noise between seeds)
+  seedS:NAME               NAME with training seed S, e.g. seed2:base (the noise between seeds)
 
 Usage: python benchmarks/recipe_study.py [--steps 300] [--only base,flow] [--autoencoder DIR]
 Writes benchmarks/results/recipe_study.json (merged with earlier runs of other
@@ -58,6 +63,7 @@ from calm.train import make_optimizer, train  # noqa: E402
 
 VARIANTS = [
     "base", "init-reference", "head-lr-3", "head-lr-10", "cond-gain-3", "noise-gain-0.3",
+    "noise-gain-0.1", "final-init-default", "final-init-0.02", "alpha-1.5", "alpha-1.25",
     "noise-16", "noise-256", "latent-norm", "n-4", "n-16", "width-512", "blocks-2", "lr-2e-3", "warmdown-0.3",
     "batch-8x256", "batch-2x1024", "flow",
 ]
@@ -116,6 +122,8 @@ def build(name: str, ae, ds: TokenDataset, steps: int, seed: int):
         head = HeadConfig(num_blocks=2)
     elif name == "flow":
         head = HeadConfig(kind="flow")
+    elif name.startswith("alpha-"):
+        head = HeadConfig(alpha=float(name[len("alpha-"):]))
     elif name == "lr-2e-3":
         tcfg = dataclasses.replace(tcfg, lr=2e-3)
     elif name.startswith("warmdown-"):
@@ -136,8 +144,12 @@ def build(name: str, ae, ds: TokenDataset, steps: int, seed: int):
                 nn.init.zeros_(m.bias)
     elif name == "cond-gain-3":
         nn.init.constant_(hd.cond_norm.weight, 3.0)
-    elif name == "noise-gain-0.3":
-        nn.init.constant_(hd.noise_norm.weight, 0.3)
+    elif name.startswith("noise-gain-"):
+        nn.init.constant_(hd.noise_norm.weight, float(name[len("noise-gain-"):]))
+    elif name == "final-init-default":
+        hd.final_out.reset_parameters()
+    elif name == "final-init-0.02":
+        nn.init.normal_(hd.final_out.weight, std=0.02)
     elif name == "latent-norm":
         model.head = ScaledHead(hd, latent_rms(ae, ds))
     opt = None
@@ -175,8 +187,10 @@ def _scale_group_lrs(opt: torch.optim.Optimizer) -> None:
 def run_variant(name: str, ae, ds, args) -> dict:
     seed = 1337
     base_name = name
-    if name.startswith("seed2:"):
-        seed, base_name = 2, name[len("seed2:"):]
+    if name.startswith("seed") and ":" in name:
+        seed, base_name = int(name[4 : name.index(":")]), name[name.index(":") + 1 :]
+    if base_name not in VARIANTS:
+        raise SystemExit(f"unknown variant {base_name!r}; see --help")
     model, tcfg, opt = build(base_name, ae, ds, args.steps, seed)
     loader = BatchLoader(ds, "train", tcfg.block_size, tcfg.batch_size, seed=seed, chunk_size=4)
     t0 = time.perf_counter()

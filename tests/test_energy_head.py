@@ -239,3 +239,22 @@ def test_flops_per_sample_counts_every_linear_once():
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     assert head.flops_per_sample() == 2 * sum(m.weight.numel() for m in linears)
     assert head.sampling_steps == 1
+
+
+def test_final_init_decides_whether_the_first_step_reaches_the_condition_path():
+    h = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    mean, log_std = torch.randn(5, 3), torch.full((5, 3), -1.0)
+    grads = {}
+    for init in ("zero", "default"):
+        torch.manual_seed(0)
+        head = EnergyHead(8, 3, noise_size=4, width=16, final_init=init)
+        loss, _ = head.loss(h, mean, log_std, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        grads[init] = head.cond_proj.weight.grad.abs().max().item()
+    assert grads["zero"] == 0.0  # the reference's zero last layer: nothing reaches below it
+    assert grads["default"] > 0.0
+
+
+def test_final_init_is_validated():
+    with pytest.raises(CalmError, match="final_init"):
+        EnergyHead(8, 3, final_init="ones")

@@ -153,6 +153,7 @@ class EnergyHead(GenerativeHead):
         latent_size: int,
         *,
         noise_size: int = 64,
+        final_init: str = "zero",
         width: int | None = None,
         num_blocks: int = 1,
         num_samples: int = 8,
@@ -169,6 +170,8 @@ class EnergyHead(GenerativeHead):
             raise CalmError(f"energy head: num_targets must be at least 1, got {num_targets}")
         if not 0 < alpha <= 2:
             raise CalmError(f"energy head: alpha must be in (0, 2], got {alpha}")
+        if final_init not in ("zero", "default"):
+            raise CalmError(f"energy head: final_init must be 'zero' or 'default', got {final_init!r}")
         self.noise_size = noise_size
         self.width = width
         self.num_samples = num_samples
@@ -183,9 +186,11 @@ class EnergyHead(GenerativeHead):
         self.final_norm = nn.LayerNorm(width, eps=LN_EPS)
         self.final_hidden = nn.Linear(width, width)
         self.final_out = nn.Linear(width, latent_size)
-        # Zero output layer: every sample starts at 0, the energy loss grows them from there.
-        nn.init.zeros_(self.final_out.weight)
-        nn.init.zeros_(self.final_out.bias)
+        if final_init == "zero":
+            # The reference's zero output layer: every sample starts at 0, and no gradient
+            # reaches the layers below until this one has grown.
+            nn.init.zeros_(self.final_out.weight)
+            nn.init.zeros_(self.final_out.bias)
 
     @classmethod
     def from_config(
@@ -195,6 +200,7 @@ class EnergyHead(GenerativeHead):
             hidden_size,
             latent_size,
             noise_size=cfg.noise_size,
+            final_init=cfg.final_init,
             width=cfg.width or hidden_size,
             num_blocks=cfg.num_blocks or max(1, num_backbone_layers // 4),
             num_samples=cfg.num_samples,
