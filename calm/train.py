@@ -103,7 +103,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
-        fused=(device.type == "cuda" and not sharded) or None,
+        # One fused kernel per step instead of a dozen passes over every parameter:
+        # on a CPU the optimizer step of a small model is otherwise a sixth of the step.
+        fused=(device.type in ("cuda", "cpu") and not sharded) or None,
     )
 
 
