@@ -29,6 +29,8 @@ Variants (names on the command line, --only a,b,c):
   warmdown-0.3             the LR falls linearly to 0 over the last 30 % of the steps
   batch-8x256, batch-2x1024  the same 2048 tokens per step in another shape
   flow                     the flow-matching head (midpoint, 4 steps) for comparison
+  A+B                      both changes, e.g. final-init-default+warmdown-0.3
+  lr-X                     peak lr X, e.g. lr-5e-4
   seedS:NAME               NAME with training seed S, e.g. seed2:base (the noise between seeds)
 
 Usage: python benchmarks/recipe_study.py [--steps 300] [--only base,flow] [--autoencoder DIR]
@@ -104,57 +106,53 @@ def latent_rms(ae, ds: TokenDataset) -> float:
 
 
 def build(name: str, ae, ds: TokenDataset, steps: int, seed: int):
-    """(model, TrainConfig, optimizer or None, description) of one variant."""
+    """(model, TrainConfig, optimizer or None) of one variant; 'a+b' applies both changes."""
     head = HeadConfig()
     tcfg = TrainConfig(steps=steps, batch_size=4, block_size=512, lr=1e-3, warmup_steps=50,
                        eval_every=0, log_every=10, seed=seed)
-    if name == "noise-16":
-        head = HeadConfig(noise_size=16)
-    elif name == "noise-256":
-        head = HeadConfig(noise_size=256)
-    elif name == "n-4":
-        head = HeadConfig(num_samples=4)
-    elif name == "n-16":
-        head = HeadConfig(num_samples=16)
-    elif name == "width-512":
-        head = HeadConfig(width=512)
-    elif name == "blocks-2":
-        head = HeadConfig(num_blocks=2)
-    elif name == "flow":
-        head = HeadConfig(kind="flow")
-    elif name.startswith("alpha-"):
-        head = HeadConfig(alpha=float(name[len("alpha-"):]))
-    elif name == "lr-2e-3":
-        tcfg = dataclasses.replace(tcfg, lr=2e-3)
-    elif name.startswith("warmdown-"):
-        tcfg = dataclasses.replace(tcfg, warmdown=float(name[len("warmdown-"):]))
-    elif name.startswith("batch-"):
-        b, t = map(int, name[len("batch-"):].split("x"))
-        tcfg = dataclasses.replace(tcfg, batch_size=b, block_size=t)
+    parts = name.split("+")
+    head_fields = {"noise-16": {"noise_size": 16}, "noise-256": {"noise_size": 256},
+                   "n-4": {"num_samples": 4}, "n-16": {"num_samples": 16},
+                   "width-512": {"width": 512}, "blocks-2": {"num_blocks": 2},
+                   "flow": {"kind": "flow"}}
+    for part in parts:
+        if part in head_fields:
+            head = dataclasses.replace(head, **head_fields[part])
+        elif part.startswith("alpha-"):
+            head = dataclasses.replace(head, alpha=float(part[len("alpha-"):]))
+        elif part.startswith("lr-"):
+            tcfg = dataclasses.replace(tcfg, lr=float(part[len("lr-"):]))
+        elif part.startswith("warmdown-"):
+            tcfg = dataclasses.replace(tcfg, warmdown=float(part[len("warmdown-"):]))
+        elif part.startswith("batch-"):
+            b, t = map(int, part[len("batch-"):].split("x"))
+            tcfg = dataclasses.replace(tcfg, batch_size=b, block_size=t)
     cfg = CALMConfig(backbone=preset("transformer", "demo", vocab_size=ae.config.vocab_size,
                                      max_seq_len=max(1024, tcfg.block_size // 4)),
                      head=head, chunk_size=ae.config.chunk_size, latent_size=ae.config.latent_size)
     torch.manual_seed(seed)
     model = CALM(cfg, copy.deepcopy(ae))
     hd = model.head
-    if name == "init-reference":
-        for m in hd.modules():
-            if isinstance(m, nn.Linear) and m is not hd.final_out:
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-    elif name == "cond-gain-3":
-        nn.init.constant_(hd.cond_norm.weight, 3.0)
-    elif name.startswith("noise-gain-"):
-        nn.init.constant_(hd.noise_norm.weight, float(name[len("noise-gain-"):]))
-    elif name == "final-init-default":
-        hd.final_out.reset_parameters()
-    elif name == "final-init-0.02":
-        nn.init.normal_(hd.final_out.weight, std=0.02)
-    elif name == "latent-norm":
-        model.head = ScaledHead(hd, latent_rms(ae, ds))
+    for part in parts:
+        if part == "init-reference":
+            for m in hd.modules():
+                if isinstance(m, nn.Linear) and m is not hd.final_out:
+                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+        elif part == "cond-gain-3":
+            nn.init.constant_(hd.cond_norm.weight, 3.0)
+        elif part.startswith("noise-gain-"):
+            nn.init.constant_(hd.noise_norm.weight, float(part[len("noise-gain-"):]))
+        elif part == "final-init-default":
+            hd.final_out.reset_parameters()
+        elif part == "final-init-0.02":
+            nn.init.normal_(hd.final_out.weight, std=0.02)
+        elif part == "latent-norm":
+            model.head = ScaledHead(hd, latent_rms(ae, ds))
+    head_lr = [p for p in parts if p.startswith("head-lr-")]
     opt = None
-    if name.startswith("head-lr-"):
-        mult = float(name[len("head-lr-"):])
+    if head_lr:
+        mult = float(head_lr[0][len("head-lr-"):])
         opt = make_optimizer(model, tcfg, torch.device("cpu"))
         head_ids = {id(p) for p in model.head.parameters()}
         groups = []
@@ -189,8 +187,9 @@ def run_variant(name: str, ae, ds, args) -> dict:
     base_name = name
     if name.startswith("seed") and ":" in name:
         seed, base_name = int(name[4 : name.index(":")]), name[name.index(":") + 1 :]
-    if base_name not in VARIANTS:
-        raise SystemExit(f"unknown variant {base_name!r}; see --help")
+    unknown = [p for p in base_name.split("+") if p not in VARIANTS and not p.startswith("lr-")]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; see --help")
     model, tcfg, opt = build(base_name, ae, ds, args.steps, seed)
     loader = BatchLoader(ds, "train", tcfg.block_size, tcfg.batch_size, seed=seed, chunk_size=4)
     t0 = time.perf_counter()
@@ -218,6 +217,8 @@ def main() -> None:
     p.add_argument("--ae-steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--name", default="recipe_study",
+                   help="results/NAME.json and .png (runs of another --steps go to another name)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from calm.cli import main as calm_main
@@ -236,7 +237,7 @@ def main() -> None:
     print(f"autoencoder: accuracy at a sampled z {100 * h['acc_sample']:.2f} %, σ {h['sigma']:.3f}, "
           f"latent RMS {ae_fig['latent_rms']:.2f}", flush=True)
 
-    path = RESULTS / "recipe_study.json"
+    path = RESULTS / f"{args.name}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     results = {r["variant"]: r for r in old.get("results", [])}
     if old.get("steps") not in (None, args.steps):
@@ -257,11 +258,11 @@ def main() -> None:
                      f"{r['tokens_per_s']:.0f}"])
     print(table(rows, ["variant", "Brier-1 ± SE", "Δ/SE vs base", "Brier-2", "Brier-3", "Brier-4",
                        "BrierLM", "energy loss", "train tokens/s"]))
-    plot(list(results.values()), RESULTS / "recipe_study.png")
+    plot(list(results.values()), RESULTS / f"{args.name}.png", args.steps)
     print(f"\nwritten to {path}")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, steps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +274,7 @@ def plot(results: list[dict], path: Path) -> None:
             color=["#888" if n == "base" else "#4a7" for n in names])
     ax.invert_yaxis()
     ax.set_xlabel("held-out Brier-1 (± 2 SE)")
-    ax.set_title("CALM after equal training steps, one factor changed at a time", fontsize=10)
+    ax.set_title(f"CALM after {steps} training steps, one factor changed at a time", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

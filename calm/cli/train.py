@@ -50,7 +50,9 @@ def add_model_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", required=True, help="trained autoencoder (run or checkpoint folder)")
     add_model_arguments(p, "calm")
-    g = p.add_argument_group("generative head")
+    g = p.add_argument_group(
+        "generative head (defaults: HeadConfig, then the preset's recipe: demo and bench set "
+        "--head-final-init default; see calm.recipes)")
     add_config_flags(g, HeadConfig, prefix="head-")
     # Short spellings of the most used head flags.
     g.add_argument("--head", dest="head_kind", choices=["energy", "flow", "diffusion"],
