@@ -143,3 +143,19 @@ def table(rows: list[list], header: list[str]) -> str:
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *map(fmt, cells[1:])])
+
+
+def run_cli(argv: list[str], *, capture: bool = False) -> str:
+    """Run a `calm` command in this process; its stdout when ``capture``; exit on failure."""
+    import contextlib
+    import io
+
+    from calm.cli import main as calm_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
+        rc = calm_main(argv)
+    if rc != 0:
+        raise SystemExit(f"`calm {' '.join(argv)}` failed (exit {rc})")
+    return buf.getvalue()
+

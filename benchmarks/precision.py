@@ -20,8 +20,6 @@ Writes benchmarks/results/precision-<machine>.json and .png.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -29,18 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_tag, table, write  # noqa: E402
-
-from calm.cli import main as calm_main  # noqa: E402
-
-
-def cli(argv: list[str], capture: bool = False) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
-        rc = calm_main(argv)
-    if rc != 0:
-        raise SystemExit(f"`calm {' '.join(argv)}` failed (exit {rc})")
-    return buf.getvalue()
+from common import RESULTS, machine_tag, run_cli, table, write  # noqa: E402
 
 
 def metrics(run: Path) -> list[dict]:
@@ -68,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not (args.data / "meta.json").is_file():
-        cli(["prepare", "--demo", "--out", str(args.data)])
+        run_cli(["prepare", "--demo", "--out", str(args.data)])
     common = ["--data", str(args.data), "--preset", "demo", "--overwrite", "--no-progress",
               "--threads", str(args.threads), "--eval-every", str(args.eval_every)]
     runs: dict[str, dict] = {}
@@ -76,7 +63,7 @@ def main() -> None:
     def train(name: str, cmd: str, precision: str, steps: int, extra: list[str]) -> Path:
         out = args.out / name
         print(f"--- {name}", flush=True)
-        cli([cmd, *common, "--out", str(out), "--steps", str(steps), "--precision", precision,
+        run_cli([cmd, *common, "--out", str(out), "--steps", str(steps), "--precision", precision,
              *extra], capture=True)
         runs[name] = {"precision": precision, "tokens_per_s": speed(out), "run": str(out)}
         return out
@@ -96,7 +83,7 @@ def main() -> None:
         out = train(name, cmd, prec, args.lm_steps, extra)
         runs[name]["curve"] = curve(out, "val/loss")
         # Held-out Brier scores, always evaluated in fp32 so only the training differs.
-        ev = json.loads(cli(["eval", "--model", str(out), "--data", str(args.data), "--max-tokens",
+        ev = json.loads(run_cli(["eval", "--model", str(out), "--data", str(args.data), "--max-tokens",
                              str(args.eval_tokens), "--json", "--no-progress", "--precision",
                              "fp32", "--threads", str(args.threads)], capture=True))
         runs[name]["eval"] = {k: ev[k] for k in ev if k.startswith(("brier", "cross", "perp", "energy"))}

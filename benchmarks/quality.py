@@ -21,8 +21,6 @@ trainings already finished in --out (delete it, or pass --fresh, to redo them).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -32,9 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, table, timed, write  # noqa: E402
+from common import RESULTS, run_cli, table, timed, write  # noqa: E402
 
-from calm.cli import main as calm_main  # noqa: E402
 from calm.data import TokenDataset  # noqa: E402
 from calm.flops import inference_flops_per_token  # noqa: E402
 from calm.generate import generate  # noqa: E402
@@ -56,15 +53,6 @@ BASELINES = {
 CALM_PRESET = "demo"
 EVALS_PER_RUN = 6
 ASSUMED_GFLOPS = 120.0  # only to space the validations: ~70 % of this machine's peak
-
-
-def run_cli(argv: list[str], *, capture: bool = False) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
-        rc = calm_main(argv)
-    if rc != 0:
-        raise SystemExit(f"`calm {' '.join(argv)}` failed (exit {rc})")
-    return buf.getvalue()
 
 
 def done(folder: Path) -> bool:
