@@ -117,7 +117,7 @@ class Autoencoder(nn.Module):
             if wb is not None and rows > 1:
                 return F.linear(h.to(wb.dtype), wb)
             with torch.autocast("cpu", enabled=False):
-                return h.float() @ wt
+                return h.to(wt.dtype) @ wt
         return h @ self.embed.weight.t()
 
     @torch.no_grad()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from calm.precision import matmul_dtype
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -25,8 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # h (N, d), weight (V, d), targets (N,) → (sum of losses, number of correct argmaxes)
         N, V = h.shape[0], weight.shape[0]
         acc_dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
-        mm = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
-            else h.dtype  # the dtype of the matrix products
+        mm = matmul_dtype(h.device.type, h.dtype)  # the dtype of the matrix products
         w_mm = weight.to(mm)
         rows = min(chunk_rows, N)
         # Buffers reused by every chunk: fresh (rows, V) tensors of this size would be
