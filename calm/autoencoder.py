@@ -43,13 +43,14 @@ class Autoencoder(nn.Module):
             self.mask_embed = nn.Parameter(torch.zeros(d))
         ne, nd = cfg.num_encoder_layers, cfg.num_decoder_layers
         self.enc_pre = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(ne // 2))
-        self.squeeze = nn.Linear(K * d, d, bias=False)
+        bias = cfg.projection_bias
+        self.squeeze = nn.Linear(K * d, d, bias=bias)
         self.enc_post = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(ne - ne // 2))
         self.enc_norm = RMSNorm(d, eps)
-        self.to_latent = nn.Linear(d, 2 * l, bias=False)  # [μ; log σ]
-        self.from_latent = nn.Linear(l, d, bias=False)
+        self.to_latent = nn.Linear(d, 2 * l, bias=bias)  # [μ; log σ]
+        self.from_latent = nn.Linear(l, d, bias=bias)
         self.dec_pre = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(nd // 2))
-        self.expand = nn.Linear(d, K * d, bias=False)
+        self.expand = nn.Linear(d, K * d, bias=bias)
         self.dec_post = nn.ModuleList(ResidualMLP(d, ff, eps) for _ in range(nd - nd // 2))
         self.dec_norm = RMSNorm(d, eps)
         self.reset_parameters()
@@ -58,6 +59,8 @@ class Autoencoder(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
             elif isinstance(m, RMSNorm):

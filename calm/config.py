@@ -48,6 +48,9 @@ class AutoencoderConfig:
     or 'id0' (token id 0, as the reference; id 0 is also end-of-text, which the
     autoencoder then cannot tell from a masked slot). Checkpoints without this field
     read 'id0'."""
+    projection_bias: bool = False
+    """Biases on the squeeze, latent, un-latent and expand Linears (the authors' layout, as
+    in their released checkpoints); this library's own models have none."""
 
 
 @dataclass(frozen=True, kw_only=True)

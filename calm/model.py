@@ -202,6 +202,9 @@ def load_calm(path, device="cpu", autoencoder_path=None):
     model_cfg = from_dict(CALMConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
     rec = cfg.get("autoencoder") or {}
     ae_path = autoencoder_path or rec.get("path")
+    sibling = Path(ckpt).parent / "autoencoder"  # a moved `calm import` folder keeps its pair
+    if not autoencoder_path and (not ae_path or not Path(ae_path).exists()) and sibling.is_dir():
+        ae_path = sibling
     if not ae_path or not Path(ae_path).exists():
         raise CalmError(
             f"the autoencoder of {ckpt} was not found at {ae_path!r}; pass --autoencoder DIR"

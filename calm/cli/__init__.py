@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("compare", "a Table-1-style comparison of trained runs"),
     "tradeoff": ("tradeoff", "accuracy-diversity trade-off of temperature sampling"),
     "report": ("report", "rebuild a run folder's report"),
+    "import": ("import_authors", "import a checkpoint in the CALM authors' format"),
 }
 
 
