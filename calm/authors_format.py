@@ -399,9 +399,10 @@ def build_autoencoder(ck: AuthorsCheckpoint, prefix: str = "", config: dict | No
     config = ck.config if config is None else config
     where = str(ck.folder)
     cfg = autoencoder_config(config, f"{where}/config.json")
-    model = Autoencoder(cfg)
+    with torch.device("meta"):  # no memory for weights that are about to be replaced
+        model = Autoencoder(cfg)
     weights = autoencoder_weights(ck.tensors, cfg, config, where, prefix)
-    load_weights_into(model, {k: v.float() for k, v in weights.items()}, where)
+    load_weights_into(model, {k: v.float() for k, v in weights.items()}, where, assign=True)
     return model.eval(), cfg
 
 
@@ -456,10 +457,11 @@ def build_calm(ck: AuthorsCheckpoint, ae_ck: AuthorsCheckpoint | None = None):
     else:
         raise CalmError(f"{where}: the CALM file holds no autoencoder (ae_model.*); pass --autoencoder")
     cfg = calm_config(ck.config, ae_cfg, f"{where}/config.json")
-    model = CALM(cfg, ae)
+    with torch.device("meta"):
+        model = CALM(cfg, ae)
     weights = calm_weights(ck.tensors, cfg, ck.config, where)
     weights.update({f"autoencoder.{k}": v for k, v in ae.state_dict().items()})
-    load_weights_into(model, {k: v.float() for k, v in weights.items()}, where)
+    load_weights_into(model, {k: v.float() for k, v in weights.items()}, where, assign=True)
     return model.eval(), ae
 
 

@@ -245,8 +245,11 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CalmError(f"{path} is corrupt or truncated: {e}") from None
 
 
-def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load with a one-line error naming the first mismatch."""
+def load_weights_into(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, *, assign: bool = False
+) -> None:
+    """Strict load with a one-line error naming the first mismatch. ``assign``: the module's
+    parameters become the given tensors (no copy; for a module built on the meta device)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -258,7 +261,7 @@ def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor],
             raise CalmError(
                 f"{where}: weight {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
             )
-    module.load_state_dict(weights)
+    module.load_state_dict(weights, assign=assign)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

@@ -265,3 +265,38 @@ def test_read_folder_errors(tmp_path):
         ck = read_folder(FIX / "calm-energy")
         ck.tensors = {k: v for k, v in ck.tensors.items() if not k.startswith("ae_model.")}
         build_calm(ck)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_fine_tune_an_imported_model(tmp_path, capsys):
+    """Import, prepare text with the model's tokenizer, train a few steps from it."""
+    out = tmp_path / "m"
+    assert calm_main(["import", str(FIX / "calm-energy-bin"), "--out", str(out)]) == 0
+    sample = json.loads((FIX / "expected.json").read_text())["tokenizer_samples"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(s["text"] for s in sample) * 6)
+    data = tmp_path / "data"
+    assert calm_main(["prepare", str(corpus), "--out", str(data), "--tokenizer",
+                      str(out / "calm" / "tokenizer"), "--val-fraction", "0.2", "--no-progress"]) == 0
+    run = tmp_path / "ft"
+    assert calm_main(["train", "--init-from", str(out / "calm"), "--data", str(data), "--out", str(run),
+                      "--steps", "3", "--batch-size", "2", "--block-size", "64", "--eval-every", "0",
+                      "--no-progress"]) == 0
+    tuned, _, cfg = load_model(run)
+    cfg0 = json.loads((out / "calm" / "config.json").read_text())
+    assert cfg["model"] == cfg0["model"] and cfg["init_from"].endswith("calm")
+    before = load_model(out / "calm")[0].state_dict()
+    after = tuned.state_dict()
+    assert not torch.equal(before["backbone.norm.weight"], after["backbone.norm.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("autoencoder."))
+    capsys.readouterr()
+    assert calm_main(["train", "--init-from", str(out / "calm"), "--data", str(data), "--out",
+                      str(tmp_path / "x"), "--hidden-size", "32"]) != 0
+    assert "keeps the checkpoint's architecture" in capsys.readouterr().err
+    assert calm_main(["train-baseline", "--init-from", str(out / "calm"), "--data", str(data),
+                      "--out", str(tmp_path / "y")]) != 0
+    assert "needs a baseline" in capsys.readouterr().err

@@ -36,6 +36,10 @@ def add_model_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
     add_output_flags(p)
     p.add_argument("--preset", default="demo", choices=presets_of("transformer"), help="backbone size")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="fine-tune: start from this checkpoint's weights (your own or one made by "
+                        "`calm import`), keeping its architecture; the optimizer starts fresh and "
+                        "the data must use its tokenizer")
     g = p.add_argument_group("backbone (overrides of the preset)")
     add_config_flags(g, TransformerConfig, skip=("vocab_size",))
     add_train_flags(p, kind)
@@ -48,7 +52,9 @@ def add_model_arguments(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--autoencoder", required=True, help="trained autoencoder (run or checkpoint folder)")
+    p.add_argument("--autoencoder",
+                   help="trained autoencoder (run or checkpoint folder); with --init-from, the "
+                        "one that checkpoint records")
     add_model_arguments(p, "calm")
     g = p.add_argument_group(
         "generative head (defaults: HeadConfig, then the preset's recipe: demo and bench set "
@@ -95,7 +101,38 @@ def run_training(args, *, kind: str) -> int:
     backbone = backbone_config(args, dataset.vocab_size)
     ckpt_cfg: dict = {"kind": kind, "data": {"path": str(args.data), "tokenizer": dataset.fingerprint}}
 
-    if kind == "calm":
+    if args.init_from:
+        from calm.loading import load_model
+
+        fixed = overrides(args, TransformerConfig, skip=("vocab_size",))
+        if kind == "calm":
+            fixed.update(overrides(args, HeadConfig, prefix="head-"))
+        if fixed:
+            flag = next(iter(fixed)).replace("_", "-")
+            raise CalmError(f"--init-from keeps the checkpoint's architecture; drop --{flag}")
+        if kind == "calm" and args.input_scheme != "discrete":
+            raise CalmError("--init-from keeps the checkpoint's input scheme; drop --input-scheme")
+        model, init_ckpt, init_cfg = load_model(args.init_from, device)
+        if init_cfg["kind"] != kind:
+            raise CalmError(f"{init_ckpt} holds a {init_cfg['kind']} model; `calm "
+                            f"{'train' if kind == 'calm' else 'train-baseline'}` needs a {kind} one")
+        if kind == "calm" and args.autoencoder:
+            raise CalmError("--init-from uses the autoencoder its checkpoint records; drop --autoencoder")
+        check_same_tokenizer(init_cfg, dataset, init_ckpt)
+        vocab = model.config.backbone.vocab_size if kind == "calm" else model.config.vocab_size
+        if dataset.vocab_size > vocab:
+            raise CalmError(f"the dataset's vocabulary ({dataset.vocab_size}) is larger than "
+                            f"{init_ckpt}'s ({vocab})")
+        chunk_size = model.config.chunk_size if kind == "calm" else 1
+        if tcfg.block_size % chunk_size:
+            raise CalmError(f"block size {tcfg.block_size} is not divisible by K={chunk_size}")
+        seed_everything(tcfg.seed)
+        ckpt_cfg.update(model=init_cfg["model"], init_from=str(init_ckpt))
+        if kind == "calm":
+            ckpt_cfg["autoencoder"] = init_cfg.get("autoencoder")
+    elif kind == "calm":
+        if not args.autoencoder:
+            raise CalmError("calm train needs --autoencoder DIR (or --init-from DIR)")
         from calm.loading import load_autoencoder
         from calm.model import CALM, autoencoder_record
 
