@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoencoderConfig",
+    "LanguageModel",
+    "load",
     "CALMConfig",
     "CalmError",
     "HeadConfig",
@@ -19,3 +21,12 @@ __all__ = [
     "TransformerConfig",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The model API needs torch; importing it on first use keeps `import calm` light.
+    if name in ("load", "LanguageModel"):
+        from calm import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'calm' has no attribute {name!r}")
