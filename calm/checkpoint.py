@@ -127,6 +127,44 @@ def load_optimizer_tensors(
     optimizer.load_state_dict(join_optimizer_state(tensors, meta))
 
 
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one tensor at a time.
+
+    ``safetensors.torch.save_file`` first turns every tensor into a bytes object, so
+    saving holds a second copy of all the weights; this writes the same format (a
+    little-endian header length, the JSON header, the raw data in header order)
+    straight from each tensor's memory.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    order = sorted(tensors)  # as safetensors orders them
+    for k in order:
+        v = tensors[k]
+        if v.dtype not in _ST_DTYPES:
+            raise CalmError(f"cannot save tensor {k} of dtype {v.dtype} as safetensors")
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in order:
+            v = tensors[k].detach().cpu().contiguous()
+            if v.numel():
+                f.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_checkpoint(
     target: str | Path,
     *,
@@ -158,7 +196,7 @@ def save_checkpoint(
                 v = v.clone()
             seen.add(v.data_ptr())
             weights[k] = v
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(
             json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2) + "\n"
         )
