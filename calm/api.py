@@ -162,8 +162,8 @@ class LanguageModel:
               seed: int = 0) -> dict[str, float]:
         """Brier-1..4 (± standard errors) and BrierLM on ``texts``, each a whole document.
 
-        The documents are tokenized, each preceded by end-of-text, joined and cut into
-        blocks of ``block_size`` tokens (the last partial block is dropped); every
+        The documents are tokenized, each followed by end of text (as ``calm prepare``
+        writes them), joined and cut into blocks of ``block_size`` tokens (the last partial block is dropped); every
         position of every block is scored, as ``calm eval`` does.
         """
         from calm.brier import BrierStats
@@ -176,7 +176,7 @@ class LanguageModel:
         block = block_size - block_size % K
         ids: list[int] = []
         for t in texts:
-            ids += [self.tokenizer.eot_id] + self.encode(t)
+            ids += self.encode(t) + [self.tokenizer.eot_id]
         n_blocks = len(ids) // block
         if n_blocks == 0:
             raise CalmError(f"the texts hold {len(ids)} tokens, fewer than one block of {block}")

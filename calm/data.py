@@ -348,8 +348,8 @@ def prepare_dataset(
         depend on it.
     """
     out = Path(out_dir).expanduser()
-    if not 0.0 <= val_fraction < 1.0:
-        raise CalmError(f"val fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise CalmError(f"val fraction must be in [0, 1], got {val_fraction}")
     if shard_tokens < 1:
         raise CalmError("shard_tokens must be positive")
     if workers < 1:
@@ -414,6 +414,9 @@ def prepare_dataset(
         tok = resolve_tokenizer("bpe", texts=texts(), vocab_size=vocab_size)
         if seen[0] == 0 and seen[1] == 0:
             raise CalmError("the corpus holds no text")
+        if seen[0] == 0 and val_fraction == 1.0 and val_documents is None:
+            raise CalmError("an evaluation-only dataset (--val-fraction 1) cannot train its BPE: "
+                            "give the model's tokenizer with --tokenizer")
         if seen[0] == 0:
             raise CalmError(
                 "the training split is empty: every document went to validation; "
@@ -471,6 +474,8 @@ def _check_splits(meta: dict, val_fraction: float, val_documents: set[str] | Non
     for split, what in (("val", "validation"), ("train", "training")):
         if meta[split]["documents"]:
             continue
+        if val_documents is None and val_fraction == (0.0 if split == "val" else 1.0):
+            continue  # asked for: a training-only (0) or an evaluation-only (1) dataset
         if val_documents is not None:
             raise CalmError(
                 f"{what} split is empty: the {len(val_documents)} forced validation "

@@ -300,6 +300,8 @@ def _windows(dataset, split, model, block_size, batch_size, max_tokens, max_n=4)
     if block_size > context:
         raise CalmError(f"block size {block_size} exceeds the model's context of {context} tokens")
     n = dataset.num_tokens(split)
+    if n == 0:
+        raise CalmError(f"the {split} split of {dataset.path} is empty")
     if n < block_size:
         raise CalmError(
             f"the {split} split of {dataset.path} has {n} tokens, fewer than one window of "

@@ -300,3 +300,26 @@ def test_fine_tune_an_imported_model(tmp_path, capsys):
     assert calm_main(["train-baseline", "--init-from", str(out / "calm"), "--data", str(data),
                       "--out", str(tmp_path / "y")]) != 0
     assert "needs a baseline" in capsys.readouterr().err
+
+
+def test_eval_text_file_equals_a_prepared_evaluation_only_dataset(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert calm_main(["import", str(FIX / "calm-energy"), "--out", str(out)]) == 0
+    texts = [s["text"] for s in json.loads((FIX / "expected.json").read_text())["tokenizer_samples"]]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(texts) * (i + 2)}) + "\n" for i in range(6)))
+    data = tmp_path / "test-only"
+    assert calm_main(["prepare", str(jsonl), "--out", str(data), "--tokenizer",
+                      str(out / "calm" / "tokenizer"), "--val-fraction", "1.0", "--no-progress"]) == 0
+    capsys.readouterr()
+    common = ["--model", str(out / "calm"), "--block-size", "64", "--max-tokens", "0", "--seed", "1",
+              "--json", "--no-progress"]
+    assert calm_main(["eval", "--text", str(jsonl), *common]) == 0
+    a = json.loads(capsys.readouterr().out)
+    assert calm_main(["eval", "--data", str(data), *common]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert a["tokens"] == b["tokens"] > 0
+    assert all(a[f"brier_{n}"] == b[f"brier_{n}"] for n in range(1, 5))
+    assert calm_main(["train", "--init-from", str(out / "calm"), "--data", str(data),
+                      "--out", str(tmp_path / "ft"), "--steps", "1", "--no-progress"]) != 0
+    assert "train split" in capsys.readouterr().err

@@ -260,7 +260,7 @@ def test_prepare_errors_write_nothing(tmp_path, corpus_dataset, case, message):
         (d / "bad.jsonl").write_text('{"txt": "fine"}\n')
         inputs = [str(d / "bad.jsonl")]
     elif case == "no_val":
-        kw["val_fraction"] = 0.0
+        kw["val_fraction"] = 1e-6  # (exactly 0 asks for a training-only dataset)
     elif case == "no_train":
         kw["val_fraction"] = 0.999999
     out = tmp_path / "out"
@@ -268,6 +268,22 @@ def test_prepare_errors_write_nothing(tmp_path, corpus_dataset, case, message):
         prepare_dataset(inputs, out, **kw)
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_one_split_datasets(tmp_path):
+    """--val-fraction 1 makes an evaluation-only dataset, 0 a training-only one."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"d{i}.txt").write_text(f"document {i} " * 40)
+    with pytest.raises(CalmError, match="give the model's tokenizer"):
+        prepare_dataset([str(src)], tmp_path / "x", vocab_size=300, val_fraction=1.0, progress=False)
+    for frac, full, empty, tok in ((0.0, "train", "val", "bpe"), (1.0, "val", "train", "ds0.0")):
+        tok = tok if tok == "bpe" else str(tmp_path / tok)
+        prepare_dataset([str(src)], tmp_path / f"ds{frac}", tokenizer=tok, vocab_size=300,
+                        val_fraction=frac, progress=False)
+        ds = TokenDataset(tmp_path / f"ds{frac}")
+        assert ds.num_documents(full) == 4 and ds.num_tokens(empty) == 0
 
 
 # ---------------------------------------------------------------------- reading

@@ -7,6 +7,7 @@ start of the split; --seed fixes every sample drawn.
 
 Examples:
   calm eval --model runs/calm --data data/shakespeare
+  calm eval --model runs/calm-m/calm --text wikitext103-test.jsonl --block-size 8192 --batch-size 1 --seed 1 --max-tokens 0
   calm eval --model runs/base --data data/shakespeare --max-tokens 32768 --json
 """
 
@@ -22,10 +23,16 @@ from calm.errors import CalmError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="CALM or baseline run/checkpoint folder")
-    p.add_argument("--data", required=True, help="dataset folder made by `calm prepare`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="dataset folder made by `calm prepare`")
+    src.add_argument("--text", nargs="+", metavar="FILE",
+                     help="text to score instead, tokenized with the model's own tokenizer: .txt "
+                          "files (one document each), .jsonl (a \"text\" field per line) or folders; "
+                          "documents are joined, each followed by end of text, as `calm prepare` does, and cut into windows")
+    p.add_argument("--text-field", default="text", help="JSON field holding a document (--text)")
     p.add_argument("--split", default="val", help="dataset split: val (or validation) or train")
     p.add_argument("--max-tokens", type=int, default=65536,
-                   help="evaluate at most this many tokens")
+                   help="evaluate at most this many tokens (0: all of them)")
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per window (default: the model's training block size, else 512)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per batch")
@@ -71,12 +78,25 @@ def run(args) -> int:
         model, ckpt, cfg = load_calm(ckpt, device, autoencoder_path=args.autoencoder)
     else:
         model, ckpt, cfg = load_model(ckpt, device)
-    dataset = TokenDataset(args.data)
-    check_same_tokenizer(cfg, dataset, ckpt)
+    if args.text:
+        from calm.documents import DocumentTokens
+        from calm.loading import load_checkpoint_tokenizer
+
+        dataset = DocumentTokens.from_files(args.text, load_checkpoint_tokenizer(ckpt),
+                                            text_field=args.text_field,
+                                            progress=not args.no_progress and not args.json)
+        split = "val"
+    else:
+        dataset = TokenDataset(args.data)
+        check_same_tokenizer(cfg, dataset, ckpt)
+        split = args.split
     block = args.block_size if args.block_size is not None else _default_block(ckpt, model)
+    if args.max_tokens < 0:
+        raise CalmError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
     r = evaluate_model(
-        model, dataset, args.split, block_size=block, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, seed=args.seed, progress=not args.no_progress and not args.json,
+        model, dataset, split, block_size=block, batch_size=args.batch_size,
+        max_tokens=args.max_tokens or None, seed=args.seed,
+        progress=not args.no_progress and not args.json,
         precision=precision_of(args, device),
     )
     r["checkpoint"] = str(ckpt)
@@ -88,7 +108,8 @@ def run(args) -> int:
     kind = r["kind"] + (f" (K={model.config.chunk_size})" if r["kind"] == "calm" else "")
     print(f"checkpoint   {ckpt}")
     print(f"model        {kind}")
-    print(f"data         {r['split']}: {r['tokens']} tokens in {r['windows']} windows of "
+    where = f"{dataset.path} ({dataset.documents} documents)" if args.text else r["split"]
+    print(f"data         {where}: {r['tokens']} tokens in {r['windows']} windows of "
           f"{r['block_size']}")
     for n in range(1, 5):
         print(f"Brier-{n}      {_fmt(r[f'brier_{n}'])} ± {_fmt(r[f'brier_{n}_se'])}"
