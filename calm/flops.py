@@ -332,3 +332,24 @@ def build_for_counting(
                 model_cfg = from_dict(TransformerConfig, model_cfg, where="model config")
             return TokenLM(model_cfg)
     raise CalmError(f"cannot count FLOPs of a {kind!r} model (expected calm or baseline)")
+
+
+DEFAULT_BLOCK = 512  # the training commands' default block size
+
+
+def model_from_checkpoint(path):
+    """(model on the meta device, checkpoint config, training block size or None)."""
+    from calm.checkpoint import read_state
+    from calm.errors import CalmError
+    from calm.loading import checkpoint_kind
+
+    ckpt, cfg = checkpoint_kind(path)
+    kind = cfg["kind"]
+    if kind == "autoencoder":
+        raise CalmError(f"{ckpt} is an autoencoder; FLOPs are counted for CALM and baseline models")
+    ae_cfg = ((cfg.get("autoencoder") or {}).get("model")) if kind == "calm" else None
+    if kind == "calm" and ae_cfg is None:
+        raise CalmError(f"{ckpt}/config.json does not record its autoencoder's config")
+    model = build_for_counting(kind, cfg.get("model") or {}, ae_cfg)
+    block = (read_state(ckpt).get("train_config") or {}).get("block_size")
+    return model, ckpt, block

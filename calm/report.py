@@ -206,7 +206,7 @@ def write_report(run: str | Path) -> Path:
               "(an undertrained model), so each Brier-n is shown beside it.", ""]
     runs = [run / k for k in MODELS if (run / k).is_dir()]
     if runs:
-        from calm.cli.compare import markdown_table, run_row
+        from calm.comparison import markdown_table, run_row
 
         lines += ["Parameters, training and inference FLOPs (the paper's Table 1 form):", "",
                   markdown_table([run_row(r) for r in runs]), ""]

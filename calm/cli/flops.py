@@ -19,9 +19,7 @@ import json
 
 from calm.cli.common import add_config_flags, overrides, presets_of
 from calm.config import HeadConfig, preset
-from calm.errors import CalmError
-
-DEFAULT_BLOCK = 512  # the training commands' default block size
+from calm.flops import DEFAULT_BLOCK, model_from_checkpoint
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,24 +77,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="inference context in tokens (default: the block size)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-
-def model_from_checkpoint(path):
-    """(model on the meta device, checkpoint config, training block size or None)."""
-    from calm.checkpoint import read_state
-    from calm.flops import build_for_counting
-    from calm.loading import checkpoint_kind
-
-    ckpt, cfg = checkpoint_kind(path)
-    kind = cfg["kind"]
-    if kind == "autoencoder":
-        raise CalmError(f"{ckpt} is an autoencoder; FLOPs are counted for CALM and baseline models")
-    ae_cfg = ((cfg.get("autoencoder") or {}).get("model")) if kind == "calm" else None
-    if kind == "calm" and ae_cfg is None:
-        raise CalmError(f"{ckpt}/config.json does not record its autoencoder's config")
-    model = build_for_counting(kind, cfg.get("model") or {}, ae_cfg)
-    block = (read_state(ckpt).get("train_config") or {}).get("block_size")
-    return model, ckpt, block
 
 
 def model_from_preset(args):
