@@ -223,7 +223,7 @@ def load(
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; load a CALM or baseline checkpoint")
     if cfg["kind"] == "calm":
-        from calm.model import load_calm
+        from calm.loading import load_calm
 
         model, ckpt, cfg = load_calm(ckpt, dev, autoencoder_path=autoencoder)
     else:

@@ -496,7 +496,7 @@ def import_checkpoint(
     a temporary folder beside OUT and renamed into place: a failure leaves nothing.
     """
     from calm.checkpoint import save_checkpoint
-    from calm.model import autoencoder_record
+    from calm.loading import autoencoder_record
 
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):

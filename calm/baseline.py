@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from calm.config import TransformerConfig
-from calm.errors import CalmError
 from calm.ops import linear_cross_entropy
 from calm.transformer import KVCache, Transformer, init_weights
 
@@ -60,17 +59,3 @@ class TokenLM(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.backbone.make_cache(batch_size, max_len)
-
-
-def load_baseline(path, device="cpu"):
-    from calm.checkpoint import load_weights_into, read_weights
-    from calm.config import from_dict
-    from calm.loading import checkpoint_kind
-
-    ckpt, cfg = checkpoint_kind(path)
-    if cfg["kind"] != "baseline":
-        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not a baseline")
-    model_cfg = from_dict(TransformerConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
-    model = TokenLM(model_cfg)
-    load_weights_into(model, read_weights(ckpt), str(ckpt))
-    return model.to(device).eval(), ckpt, cfg

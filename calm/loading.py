@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from calm.checkpoint import load_weights_into, read_config, read_weights, resolve_checkpoint
-from calm.config import AutoencoderConfig, from_dict
+from calm.config import AutoencoderConfig, CALMConfig, TransformerConfig, from_dict
 from calm.errors import CalmError
 
 KINDS = ("autoencoder", "calm", "baseline")
@@ -43,17 +44,72 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), ckpt, cfg
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def autoencoder_record(ckpt: Path, ae_cfg: dict) -> dict:
+    """What a CALM checkpoint remembers of its autoencoder, to find and verify it later."""
+    return {
+        "path": str(Path(ckpt).resolve()),
+        "sha256": file_sha256(Path(ckpt) / "model.safetensors"),
+        "model": ae_cfg.get("model"),
+        "tokenizer": (ae_cfg.get("data") or {}).get("tokenizer"),
+    }
+
+
+def load_calm(path, device="cpu", autoencoder_path=None):
+    """A CALM checkpoint and the autoencoder it records (or ``autoencoder_path``), verified."""
+    from calm.model import CALM
+
+    ckpt, cfg = checkpoint_kind(path)
+    if cfg["kind"] != "calm":
+        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not a CALM model")
+    model_cfg = from_dict(CALMConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
+    rec = cfg.get("autoencoder") or {}
+    ae_path = autoencoder_path or rec.get("path")
+    sibling = Path(ckpt).parent / "autoencoder"  # a moved `calm import` folder keeps its pair
+    if not autoencoder_path and (not ae_path or not Path(ae_path).exists()) and sibling.is_dir():
+        ae_path = sibling
+    if not ae_path or not Path(ae_path).exists():
+        raise CalmError(
+            f"the autoencoder of {ckpt} was not found at {ae_path!r}; pass --autoencoder DIR"
+        )
+    ae, ae_ckpt, _ = load_autoencoder(ae_path, device)
+    if rec.get("sha256") and file_sha256(Path(ae_ckpt) / "model.safetensors") != rec["sha256"]:
+        raise CalmError(
+            f"the autoencoder at {ae_ckpt} is not the one {ckpt} was trained with (weights differ)"
+        )
+    model = CALM(model_cfg, ae)
+    weights = read_weights(ckpt)
+    weights.update({f"autoencoder.{k}": v for k, v in ae.state_dict().items()})
+    load_weights_into(model, weights, str(ckpt))
+    return model.to(device).eval(), ckpt, cfg
+
+
+def load_baseline(path, device="cpu"):
+    from calm.baseline import TokenLM
+
+    ckpt, cfg = checkpoint_kind(path)
+    if cfg["kind"] != "baseline":
+        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not a baseline")
+    model_cfg = from_dict(TransformerConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
+    model = TokenLM(model_cfg)
+    load_weights_into(model, read_weights(ckpt), str(ckpt))
+    return model.to(device).eval(), ckpt, cfg
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Path, dict]:
     """Any checkpoint → (model in eval mode, checkpoint folder, its config.json)."""
     ckpt, cfg = checkpoint_kind(path)
     if cfg["kind"] == "autoencoder":
         return load_autoencoder(ckpt, device)
     if cfg["kind"] == "calm":
-        from calm.model import load_calm
-
         return load_calm(ckpt, device)
-    from calm.baseline import load_baseline
-
     return load_baseline(ckpt, device)
 
 

@@ -13,9 +13,6 @@ partial first chunks (``PARTIAL_FIRST_CHUNK`` of the blocks), so it knows them.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 from torch import nn
 
@@ -170,52 +167,3 @@ class CALM(nn.Module):
         x = self.inputs(chunks, latents, known)
         h = self.backbone(x, positions=positions, cache=cache, key_mask=key_mask)
         return h[:, -1]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def autoencoder_record(ckpt: Path, ae_cfg: dict) -> dict:
-    """What a CALM checkpoint remembers of its autoencoder, to find and verify it later."""
-    return {
-        "path": str(Path(ckpt).resolve()),
-        "sha256": file_sha256(Path(ckpt) / "model.safetensors"),
-        "model": ae_cfg.get("model"),
-        "tokenizer": (ae_cfg.get("data") or {}).get("tokenizer"),
-    }
-
-
-def load_calm(path, device="cpu", autoencoder_path=None):
-    """A CALM checkpoint and the autoencoder it records (or ``autoencoder_path``), verified."""
-    from calm.checkpoint import load_weights_into, read_weights
-    from calm.config import from_dict
-    from calm.loading import checkpoint_kind, load_autoencoder
-
-    ckpt, cfg = checkpoint_kind(path)
-    if cfg["kind"] != "calm":
-        raise CalmError(f"{ckpt} holds a {cfg['kind']} model, not a CALM model")
-    model_cfg = from_dict(CALMConfig, cfg.get("model", {}), where=f"{ckpt}/config.json model")
-    rec = cfg.get("autoencoder") or {}
-    ae_path = autoencoder_path or rec.get("path")
-    sibling = Path(ckpt).parent / "autoencoder"  # a moved `calm import` folder keeps its pair
-    if not autoencoder_path and (not ae_path or not Path(ae_path).exists()) and sibling.is_dir():
-        ae_path = sibling
-    if not ae_path or not Path(ae_path).exists():
-        raise CalmError(
-            f"the autoencoder of {ckpt} was not found at {ae_path!r}; pass --autoencoder DIR"
-        )
-    ae, ae_ckpt, _ = load_autoencoder(ae_path, device)
-    if rec.get("sha256") and file_sha256(Path(ae_ckpt) / "model.safetensors") != rec["sha256"]:
-        raise CalmError(
-            f"the autoencoder at {ae_ckpt} is not the one {ckpt} was trained with (weights differ)"
-        )
-    model = CALM(model_cfg, ae)
-    weights = read_weights(ckpt)
-    weights.update({f"autoencoder.{k}": v for k, v in ae.state_dict().items()})
-    load_weights_into(model, weights, str(ckpt))
-    return model.to(device).eval(), ckpt, cfg

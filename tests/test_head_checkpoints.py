@@ -6,8 +6,8 @@ import torch
 from calm.checkpoint import save_checkpoint
 from calm.config import CALMConfig, HeadConfig, TrainConfig, preset, to_dict
 from calm.generate import generate
-from calm.loading import load_model
-from calm.model import CALM, autoencoder_record
+from calm.loading import autoencoder_record, load_model
+from calm.model import CALM
 from calm.train import make_optimizer
 
 

@@ -13,8 +13,8 @@ from calm.config import CALMConfig, TrainConfig, preset, to_dict
 from calm.data import BatchLoader, TokenDataset
 from calm.errors import CalmError
 from calm.generate import generate
-from calm.loading import load_autoencoder, load_model
-from calm.model import CALM, autoencoder_record
+from calm.loading import autoencoder_record, load_autoencoder, load_model
+from calm.model import CALM
 from calm.train import make_optimizer, train
 
 BLOCK = 32  # the tiny runs' block size (tests/conftest.py)

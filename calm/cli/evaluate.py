@@ -73,7 +73,7 @@ def run(args) -> int:
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; evaluate it with `calm eval-ae`")
     if cfg["kind"] == "calm" and args.autoencoder:
-        from calm.model import load_calm
+        from calm.loading import load_calm
 
         model, ckpt, cfg = load_calm(ckpt, device, autoencoder_path=args.autoencoder)
     else:

@@ -78,7 +78,7 @@ def run(args) -> int:
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; generate from a CALM or baseline checkpoint")
     if cfg["kind"] == "calm":
-        from calm.model import load_calm
+        from calm.loading import load_calm
 
         model, ckpt, cfg = load_calm(ckpt, device, autoencoder_path=args.autoencoder)
     else:

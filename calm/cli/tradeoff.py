@@ -318,7 +318,7 @@ def _load(path, device, autoencoder=None):
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; give a CALM or baseline checkpoint")
     if cfg["kind"] == "calm":
-        from calm.model import load_calm
+        from calm.loading import load_calm
 
         return load_calm(ckpt, device, autoencoder_path=autoencoder)
     return load_model(ckpt, device)

@@ -133,8 +133,8 @@ def run_training(args, *, kind: str) -> int:
     elif kind == "calm":
         if not args.autoencoder:
             raise CalmError("calm train needs --autoencoder DIR (or --init-from DIR)")
-        from calm.loading import load_autoencoder
-        from calm.model import CALM, autoencoder_record
+        from calm.loading import autoencoder_record, load_autoencoder
+        from calm.model import CALM
 
         ae, ae_ckpt, ae_cfg = load_autoencoder(args.autoencoder, device)
         check_same_tokenizer(ae_cfg, dataset, ae_ckpt)
