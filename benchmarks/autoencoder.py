@@ -28,7 +28,8 @@ from common import cpu_model, format_limits, machine_limits, table, timed, write
 
 from calm.autoencoder import Autoencoder, health  # noqa: E402
 from calm.config import TrainConfig, preset  # noqa: E402
-from calm.data import BatchLoader, TokenDataset, eval_batches, prepare_dataset  # noqa: E402
+from calm.data import BatchLoader, TokenDataset, eval_batches  # noqa: E402
+from calm.dataset import prepare_dataset  # noqa: E402
 from calm.demo import DEMO_VALIDATION, demo_documents  # noqa: E402
 from calm.precision import autocast, resolve_precision  # noqa: E402
 from calm.train import make_optimizer, train  # noqa: E402

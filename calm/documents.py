@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calm.data import _file_documents, resolve_inputs
+from calm.corpus import _file_documents, resolve_inputs
 from calm.errors import CalmError
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from calm.cli import main
-from calm.data import BatchLoader, TokenDataset, eval_batches, is_validation, prepare_dataset
+from calm.corpus import is_validation
+from calm.data import BatchLoader, TokenDataset, eval_batches
+from calm.dataset import prepare_dataset
 from calm.demo import DEMO_VALIDATION, demo_documents, demo_tarball
 from calm.errors import CalmError
 from calm.tokenizer import EOT

@@ -429,7 +429,7 @@ def test_evaluate_model_bad_input(base_run, calm_run, dataset_dir):
 
 def test_split_too_short(base_run, dataset_dir, tmp_path, capsys):
     """A dataset with the model's tokenizer whose validation split is shorter than a window."""
-    from calm.data import prepare_dataset
+    from calm.dataset import prepare_dataset
     from calm.loading import load_model
 
     out = tmp_path / "short"

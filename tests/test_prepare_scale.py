@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import calm.data
+import calm.dataset
 from calm.cli import main
-from calm.data import TokenDataset, is_validation, prepare_dataset
+from calm.corpus import is_validation
+from calm.data import TokenDataset
+from calm.dataset import prepare_dataset
 from calm.errors import CalmError
 from calm.tokenizer import EOT, train_bpe
 
@@ -51,7 +53,7 @@ def expected_streams(tok, names_texts, val_fraction):
 
 def test_workers_give_identical_datasets(tmp_path, tok, monkeypatch):
     # Small batches, so a small corpus makes many batches and really uses the pool.
-    monkeypatch.setattr(calm.data, "_BATCH_CHARS", 500)
+    monkeypatch.setattr(calm.dataset, "_BATCH_CHARS", 500)
     lines = [json.dumps({"text": doc_text(i)}) for i in range(300)]
     lines[10] = json.dumps({"text": ""})  # empty documents are skipped alike
     src = tmp_path / "c.jsonl"
@@ -83,7 +85,7 @@ def test_workers_give_identical_datasets(tmp_path, tok, monkeypatch):
 
 
 def test_documents_stream_with_workers(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(calm.data, "_BATCH_CHARS", 300)
+    monkeypatch.setattr(calm.dataset, "_BATCH_CHARS", 300)
     docs = [(f"d{i}", doc_text(i)) for i in range(120)]
     pulled = []
 
@@ -141,7 +143,7 @@ def test_jsonl_zst_multiframe_streams(tmp_path, tok):
 def test_parquet_round_trip(tmp_path, tok, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr(calm.data, "_BATCH_CHARS", 400)
+    monkeypatch.setattr(calm.dataset, "_BATCH_CHARS", 400)
     texts = [doc_text(i) for i in range(250)]
     texts[7] = None  # a null row is an empty document
     table = pa.table({"id": list(range(250)), "body": texts})

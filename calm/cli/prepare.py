@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from calm.data import prepare_dataset
+    from calm.dataset import prepare_dataset
     from calm.errors import CalmError
 
     common = {
