@@ -25,7 +25,7 @@ from common import table, write  # noqa: E402
 from calm.errors import CalmError  # noqa: E402
 from calm.generate import generate  # noqa: E402
 from calm.loading import load_checkpoint_tokenizer, load_model  # noqa: E402
-from calm.sampling_chooser import temperature_chooser  # noqa: E402
+from calm.temperature_sampling import temperature_chooser  # noqa: E402
 
 PROMPTS = ["ROMEO:", "To be, or not", "KING.", "O, what", "My lord,", "HAMLET.", "Good morrow",
            "What say you"]

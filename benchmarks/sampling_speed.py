@@ -5,7 +5,7 @@ vocab 32000), K = 4, the reference-size autoencoder, an energy head of 2 blocks,
 random weights; prompts of 32 tokens, 256 new tokens, batch 1 and 8. The batch
 sampler (Algorithm 2) decodes its N = 200 draws per step either in full (the
 vocabulary projection at K positions for every draw, ~32 GFLOP per row and step)
-or pruned (``calm.sampling_chooser.batch_choose_pruned``: same distribution).
+or pruned (``calm.temperature_sampling.batch_choose_pruned``: same distribution).
 
 What pruning saves depends on how often the draws of a step coincide, which random
 weights do not fix, so the head is put in three regimes (a random last layer of
@@ -41,7 +41,7 @@ from calm.config import CALMConfig, HeadConfig, preset  # noqa: E402
 from calm.generate import generate  # noqa: E402
 from calm.model import CALM  # noqa: E402
 from calm.sampling import outcome_group_ids  # noqa: E402
-from calm.sampling_chooser import temperature_chooser  # noqa: E402
+from calm.temperature_sampling import temperature_chooser  # noqa: E402
 
 PROMPT = 32
 TEMPERATURE = 1 / 3

@@ -90,7 +90,7 @@ class LanguageModel:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         chooser = None
         if self.kind == "calm" and temperature != 1.0:
-            from calm.sampling_chooser import temperature_chooser
+            from calm.temperature_sampling import temperature_chooser
 
             if not 0 < temperature <= 1:
                 raise CalmError(f"temperature must be in (0, 1], got {temperature}")

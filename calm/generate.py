@@ -124,7 +124,7 @@ def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, t
     device = next(model.parameters()).device
     if chooser is None:
         if temperature != 1.0:
-            from calm.sampling_chooser import temperature_chooser
+            from calm.temperature_sampling import temperature_chooser
 
             chooser = temperature_chooser(model, temperature, generator=generator)
         else:

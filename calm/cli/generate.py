@@ -93,7 +93,7 @@ def run(args) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     chooser = None
     if cfg["kind"] == "calm" and args.temperature != 1.0:
-        from calm.sampling_chooser import temperature_chooser
+        from calm.temperature_sampling import temperature_chooser
 
         chooser = temperature_chooser(
             model, args.temperature, sampler=args.sampler, num_candidates=args.num_candidates,

@@ -141,7 +141,7 @@ def calm_contexts(model, tokens: torch.Tensor, positions: int) -> tuple[torch.Te
 def calm_point(model, h, truth, num_candidates: int, n: int, max_n: int, seed: int,
                prune: bool = True) -> dict:
     """Accuracy and collision of Algorithm 2 (N = num_candidates, T = 1/n) at states h (P, d)."""
-    from calm.sampling_chooser import ChunkDecoder, batch_choose_full, batch_choose_pruned
+    from calm.temperature_sampling import ChunkDecoder, batch_choose_full, batch_choose_pruned
 
     dec = ChunkDecoder(model.autoencoder)
     g = torch.Generator(device=h.device).manual_seed(seed)

@@ -19,7 +19,7 @@ from calm.config import AutoencoderConfig
 from calm.errors import CalmError
 from calm.generate import generate
 from calm.sampling import batch_selection_probs, outcome_group_ids
-from calm.sampling_chooser import (
+from calm.temperature_sampling import (
     ChunkDecoder,
     LazyTokens,
     batch_choose_full,
