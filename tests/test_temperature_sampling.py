@@ -341,9 +341,9 @@ def test_tradeoff_command_writes_json_and_plot(calm_run, base_run, dataset_dir, 
 
 def test_baseline_point_matches_exact_first_token_figures(base_run, dataset_dir):
     """n = 1: accuracy = P_T(true token), collision = Σ_v P_T(v)², computed here directly."""
-    from calm.cli.tradeoff import baseline_point
     from calm.data import TokenDataset
     from calm.loading import load_model
+    from calm.tradeoff import baseline_point
 
     model, _, _ = load_model(base_run)
     ds = TokenDataset(dataset_dir)
@@ -373,7 +373,7 @@ def test_tradeoff_point_labels_never_overlap():
     mpl.use("Agg")
     import matplotlib.pyplot as plt
 
-    from calm.cli.tradeoff import _draw_labels
+    from calm.tradeoff import _draw_labels
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [0.0, 0.0, 0.0, 0.001, 0.2, 0.5]
