@@ -83,8 +83,11 @@ class LanguageModel:
             raise CalmError("prompts must be a list of strings (use stream() for one prompt)")
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise CalmError("every prompt must be a non-empty string")
+        from calm.loading import document_start_id
+
         eot = self.tokenizer.eot_id
-        ids = [([eot] if document_start else []) + self.encode(p) for p in prompts]
+        start = document_start_id(self.config, self.tokenizer)
+        ids = [([start] if document_start else []) + self.encode(p) for p in prompts]
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -119,7 +122,8 @@ class LanguageModel:
         CALM below temperature 1 samples with ``sampler``: 'batch' (Algorithm 2, T = 1/n,
         ``num_candidates`` head samples per step) or 'exact' (Algorithm 1, any T, at most
         ``max_calls`` draws per step); the baseline scales its softmax. ``document_start``
-        puts an end-of-text token before each prompt, as documents start in training.
+        puts the token that training documents started after before each prompt (end of
+        text; an imported authors' model: its begin-of-text).
         """
         out = self._run(list(prompts) if not isinstance(prompts, str) else prompts, max_new_tokens,
                         temperature, sampler, num_candidates, max_calls, seed, document_start, None)

@@ -30,7 +30,9 @@ What their format looks like, and what this module does with it:
   ``[PAD]`` ids. An imported model reads the prompt as it is, with the absent
   leading slots of its first chunk filled by the backbone's ``[PAD]`` embedding
   (``CALM.pad_embed``), as every model of this library does. Prompts whose length
-  is a multiple of K are read exactly as the authors' code reads them.
+  is a multiple of K are read exactly as the authors' code reads them. A prompt
+  that starts a document gets their ``<|begin_of_text|>`` in front (the config's
+  ``document_start``), as their training documents had.
 * the tokenizer (``tokenizer.json``, Llama 3 plus ``[PAD]`` for the released
   models) is kept as is; its end of text is ``<|end_of_text|>``.
 """
@@ -515,6 +517,9 @@ def import_checkpoint(
         ae_cfg = ae.config
     tok = _tokenizer(ck.folder, ck.config)
     source = {"format": "calm-authors", "source": str(src), "architectures": ck.config.get("architectures")}
+    # Their documents start after <|begin_of_text|>: generation puts it before a prompt.
+    bos = ck.config.get("bos_token_id")
+    start = {"document_start": bos} if isinstance(bos, int) and 0 <= bos < tok.vocab_size else {}
     data = {"path": None, "tokenizer": tok.fingerprint}
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +537,7 @@ def import_checkpoint(
             save_checkpoint(
                 tmp / "calm", model_state=model.checkpoint_state(), tokenizer=tok,
                 config={"kind": "calm", "model": to_dict(model.config), "data": data,
-                        "autoencoder": rec, "imported": source},
+                        "autoencoder": rec, "imported": source, **start},
             )
             paths["calm"] = out / "calm"
         if out.exists():  # --overwrite: move the old folder aside until the new one is in place

@@ -122,6 +122,14 @@ def load_checkpoint_tokenizer(ckpt: Path):
     return load_tokenizer(tok_dir)
 
 
+def document_start_id(ckpt_cfg: dict, tokenizer) -> int:
+    """The token put before a prompt that starts a document: the one the model's training
+    documents started after. This library's models: end of text (documents are joined
+    with it); imported authors' models: their begin-of-text token."""
+    start = ckpt_cfg.get("document_start")
+    return int(start) if isinstance(start, int) and not isinstance(start, bool) else tokenizer.eot_id
+
+
 def check_same_tokenizer(ckpt_cfg: dict, dataset, ckpt: Path) -> None:
     """Refuse a dataset whose tokenizer is not the one the model was trained with."""
     want = (ckpt_cfg.get("data") or {}).get("tokenizer")

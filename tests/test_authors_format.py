@@ -132,6 +132,10 @@ def test_tokenizer_and_config(tmp_path):
     cfg = json.loads((paths["calm"] / "config.json").read_text())
     assert cfg["model"]["head"]["num_blocks"] == 2 and cfg["model"]["head"]["noise_size"] == 32
     assert cfg["autoencoder"]["path"] == str((tmp_path / "out" / "autoencoder").resolve())
+    from calm.loading import document_start_id
+
+    assert cfg["document_start"] == 509 and document_start_id(cfg, tok) == 509  # their bos
+    assert document_start_id({}, tok) == tok.eot_id  # this library's own models
     # A moved folder still finds its autoencoder beside it.
     shutil.move(tmp_path / "out", tmp_path / "moved")
     model, _, _ = load_model(tmp_path / "moved" / "calm")

@@ -1,7 +1,8 @@
 """Generate text from a CALM or baseline checkpoint.
 
 Each prompt is treated as the start of a document (an end-of-text token is put
-before it, as in training) unless --no-document-start. Generation stops at
+before it, as in training; for a model imported with `calm import`, the authors'
+<|begin_of_text|>) unless --no-document-start. Generation stops at
 end-of-text or after --max-new-tokens.
 
 CALM at temperature 1 draws one head sample per step. Below 1 it uses the
@@ -66,7 +67,12 @@ def read_prompts(args) -> list[str]:
 
 def run(args) -> int:
     from calm.generate import generate
-    from calm.loading import checkpoint_kind, load_checkpoint_tokenizer, load_model
+    from calm.loading import (
+        checkpoint_kind,
+        document_start_id,
+        load_checkpoint_tokenizer,
+        load_model,
+    )
     from calm.runtime import pick_device, set_threads
 
     set_threads(args.threads)
@@ -84,10 +90,11 @@ def run(args) -> int:
     else:
         model, ckpt, cfg = load_model(ckpt, device)
     tok = load_checkpoint_tokenizer(ckpt)
+    start = document_start_id(cfg, tok)
     ids = []
     for p in prompts:
         t = tok.encode(p)
-        ids.append(([] if args.no_document_start else [tok.eot_id]) + t)
+        ids.append(([] if args.no_document_start else [start]) + t)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
