@@ -497,7 +497,7 @@ def import_checkpoint(
     autoencoder). Everything is built and checked in memory first, then written to
     a temporary folder beside OUT and renamed into place: a failure leaves nothing.
     """
-    from calm.checkpoint import save_checkpoint
+    from calm.checkpoint import save_checkpoint, swap_into_place
     from calm.loading import autoencoder_record
 
     out = Path(out)
@@ -540,14 +540,7 @@ def import_checkpoint(
                         "autoencoder": rec, "imported": source, **start},
             )
             paths["calm"] = out / "calm"
-        if out.exists():  # --overwrite: move the old folder aside until the new one is in place
-            old = out.with_name(f".old-{out.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

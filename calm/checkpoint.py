@@ -165,6 +165,19 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
                 f.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
 
 
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``. An older ``target`` is moved
+    aside first and removed only once the new one is in place, so one complete version
+    is on disk at every moment."""
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 def save_checkpoint(
     target: str | Path,
     *,
@@ -188,15 +201,8 @@ def save_checkpoint(
     except OSError as e:
         raise CalmError(f"cannot write checkpoint {target}: {e.strerror or e}") from None
     try:
-        weights = {}
-        seen: set[int] = set()
-        for k, v in model_state.items():
-            v = v.detach().cpu().contiguous()
-            if v.data_ptr() in seen:  # tied weights: safetensors stores each tensor once
-                v = v.clone()
-            seen.add(v.data_ptr())
-            weights[k] = v
-        write_safetensors(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        # Tied weights need no copy: every name is written from memory on its own.
+        write_safetensors(model_state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(
             json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2) + "\n"
         )
@@ -212,17 +218,7 @@ def save_checkpoint(
             tokenizer.save(tmp / "tokenizer")
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
-        if target.exists():
-            # Replace an older copy (same step, e.g. after --overwrite): move it
-            # aside first so that there is always one complete version on disk.
-            old = target.with_name(f".old-{target.name}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_into_place(tmp, target)  # replaces an older copy (same step, e.g. --overwrite)
     except OSError as e:
         # A full or read-only disk: nothing half-written stays behind, the previous
         # checkpoints are untouched, and the user gets one line instead of a traceback.

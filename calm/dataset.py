@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.checkpoint import swap_into_place
 from calm.corpus import _file_documents, _sha256, is_validation, resolve_inputs
 from calm.errors import CalmError
 from calm.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -239,14 +240,7 @@ def prepare_dataset(
         tok.save(tmp / "tokenizer")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _check_out_dir(out, overwrite)
-        if out.exists():
-            # Swap in the new dataset, then drop the old one.
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
