@@ -75,17 +75,17 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ generation
 
-    def _run(self, prompts: list[str], max_new_tokens, temperature, sampler, num_candidates,
-             max_calls, seed, document_start, on_step):
+    def _run(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
+             sampler: str = "batch", num_candidates: int = 200, max_calls: int = 100_000,
+             seed: int | None = None, document_start: bool = True, on_step=None):
         from calm.generate import generate
+        from calm.loading import document_start_id
 
         if isinstance(prompts, str):
             raise CalmError("prompts must be a list of strings (use stream() for one prompt)")
+        prompts = list(prompts)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise CalmError("every prompt must be a non-empty string")
-        from calm.loading import document_start_id
-
-        eot = self.tokenizer.eot_id
         start = document_start_id(self.config, self.tokenizer)
         ids = [([start] if document_start else []) + self.encode(p) for p in prompts]
         generator = None
@@ -102,8 +102,8 @@ class LanguageModel:
                                           generator=generator)
         with torch.no_grad():
             return generate(self.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            eot_id=eot, generator=generator, chooser=chooser, on_step=on_step,
-                            precision=self.precision)
+                            eot_id=self.tokenizer.eot_id, generator=generator, chooser=chooser,
+                            on_step=on_step, precision=self.precision)
 
     def generate(
         self,
@@ -125,40 +125,35 @@ class LanguageModel:
         puts the token that training documents started after before each prompt (end of
         text; an imported authors' model: its begin-of-text).
         """
-        out = self._run(list(prompts) if not isinstance(prompts, str) else prompts, max_new_tokens,
-                        temperature, sampler, num_candidates, max_calls, seed, document_start, None)
+        out = self._run(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        sampler=sampler, num_candidates=num_candidates, max_calls=max_calls,
+                        seed=seed, document_start=document_start)
         return [self.decode(t) for t in out.tokens]
 
-    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """The continuation of one prompt, piece by piece as it is generated (same options as
-        ``generate``). Pieces never split a multi-byte character."""
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        sampler: str = "batch",
+        num_candidates: int = 200,
+        max_calls: int = 100_000,
+        seed: int | None = None,
+        document_start: bool = True,
+    ) -> Iterator[str]:
+        """The continuation of one prompt in pieces, one per generation step (the options of
+        ``generate``). Pieces never split a multi-byte character. Generation runs to its
+        end first; the pieces are then yielded in order."""
+        from calm.tokenizer import TextStream
+
+        text = TextStream(self.tokenizer)
         pieces: list[str] = []
-        sofar: list[int] = []
-        shown = [0]
-
-        def on_step(added):
-            sofar.extend(t for t in added[0] if t != self.tokenizer.eot_id)
-            text = self.tokenizer.decode(sofar)
-            safe = len(text.rstrip("\ufffd"))
-            if safe > shown[0]:
-                pieces.append(text[shown[0]:safe])
-                shown[0] = safe
-
-        # Generation runs to the end first (one forward per step, as generate); the pieces
-        # are then yielded in order.
-        opts = {k: kwargs.pop(k) for k in list(kwargs)
-                if k in ("max_new_tokens", "temperature", "sampler", "num_candidates", "max_calls",
-                         "seed", "document_start")}
-        if kwargs:
-            raise TypeError(f"stream() got an unexpected keyword argument {next(iter(kwargs))!r}")
-        self._run([prompt], opts.get("max_new_tokens", 64), opts.get("temperature", 1.0),
-                  opts.get("sampler", "batch"), opts.get("num_candidates", 200),
-                  opts.get("max_calls", 100_000), opts.get("seed"), opts.get("document_start", True),
-                  on_step)
-        rest = self.tokenizer.decode(sofar)[shown[0]:]
-        if rest:
-            pieces.append(rest)
-        yield from pieces
+        self._run([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                  sampler=sampler, num_candidates=num_candidates, max_calls=max_calls, seed=seed,
+                  document_start=document_start, on_step=lambda added: pieces.append(text.push(added[0])))
+        pieces.append(text.finish())
+        yield from (p for p in pieces if p)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -226,6 +226,30 @@ class Tokenizer:
 # ---------------------------------------------------------------------- HF backends
 
 
+class TextStream:
+    """Generated token ids → text pieces as they come, never splitting a multi-byte
+    character: a trailing replacement character is held back until the next ids (or
+    ``finish``) complete it. End-of-text ids are dropped."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, ids: Iterable[int]) -> str:
+        self.ids.extend(t for t in ids if t != self.tokenizer.eot_id)
+        text = self.tokenizer.decode(self.ids)
+        safe = max(self.shown, len(text.rstrip("\ufffd")))
+        piece, self.shown = text[self.shown : safe], safe
+        return piece
+
+    def finish(self) -> str:
+        """What was held back: at the end it is no longer half a character."""
+        piece = self.tokenizer.decode(self.ids)[self.shown :]
+        self.shown += len(piece)
+        return piece
+
+
 def _with_eot(tok, source: str) -> Tokenizer:
     """Wrap an HF tokenizer, picking (or adding) its end-of-text token."""
     from tokenizers import AddedToken

@@ -109,19 +109,15 @@ def run(args) -> int:
     stream = args.stream and len(prompts) == 1 and not args.json
     on_step = None
     if stream:
+        from calm.tokenizer import TextStream
+
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        sofar: list[int] = []
-        shown = [0]
+        text_stream = TextStream(tok)
 
         def on_step(added):
-            sofar.extend(t for t in added[0] if t != tok.eot_id)
-            text = tok.decode(sofar)
-            # Hold back a trailing replacement char: a multi-byte character may be half done.
-            safe = len(text.rstrip("\ufffd"))
-            sys.stdout.write(text[shown[0] : safe])
+            sys.stdout.write(text_stream.push(added[0]))
             sys.stdout.flush()
-            shown[0] = max(shown[0], safe)
 
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -131,7 +127,7 @@ def run(args) -> int:
     n_new = sum(len(t) for t in out.tokens)
     if stream:
         # The end: what was held back is not half a character any more; show it all.
-        sys.stdout.write(tok.decode(sofar)[shown[0] :])
+        sys.stdout.write(text_stream.finish())
         print()
         print(f"[{n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s, {out.steps} steps]",
               file=sys.stderr)

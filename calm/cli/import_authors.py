@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 
 from calm.authors_format import import_checkpoint
 
@@ -45,13 +46,7 @@ def run(args) -> int:
     for kind, path in paths.items():
         # The models were built and checked before writing; here only the file's header.
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            n = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+            n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         print(f"{kind:12s} {path}  ({n / 1e6:.2f}M parameters)")
     return 0
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
