@@ -119,9 +119,110 @@ def _finish_rows(new: torch.Tensor, eot_id, done: torch.Tensor, out: list[list[i
     return added
 
 
+class CalmDecoder:
+    """CALM's decoding state over a batch of prompts: the backbone's last hidden state
+    per row (``out``, what a chooser reads), its KV cache and positions.
+
+    ``feed(tokens)`` appends each row's chosen chunk; ``keep(rows)`` drops the other
+    rows (finished or abandoned), so the next step computes only what is still wanted.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int):
+        K = model.config.chunk_size
+        device = next(model.parameters()).device
+        self.model = model
+        self.unit = K
+        slots, known = _left_pad(prompts, K, device)
+        B = len(prompts)
+        chunks = slots.view(B, -1, K)  # (B, C, K)
+        known = known.view(B, -1, K)
+        C = chunks.shape[1]
+        new_chunks = math.ceil(max_new_tokens / K)
+        limit = model.config.backbone.max_seq_len
+        if C + new_chunks > limit:
+            raise CalmError(
+                f"the prompt ({C} chunks) plus {new_chunks} new chunks exceeds the model's context "
+                f"of {limit} chunks ({limit * K} tokens)"
+            )
+        real = known.any(-1)  # (B, C) chunks with at least one token
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, C)
+        self.padded = not bool(real.all())
+        self.key_mask = torch.ones(B, C + new_chunks, dtype=torch.bool, device=device)
+        self.key_mask[:, :C] = real
+        latents = model.input_latents(chunks, known)  # continuous input: μ of the prompt's chunks
+        self.cache = model.make_cache(B, C + new_chunks)
+        self.out = model.step(
+            chunks, latents, cache=self.cache, positions=positions,
+            key_mask=self.key_mask[:, :C] if self.padded else None, known=known,
+        )
+        self.pos = positions[:, -1:] + 1  # (B, 1)
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Each row's next chunk (B, K) → the next hidden states in ``out``."""
+        # The continuous input reads the encoder's μ of the chosen tokens, as in training.
+        prev = self.model.input_latents(tokens[:, None])
+        self.out = self.model.step(
+            tokens[:, None], prev, cache=self.cache, positions=self.pos,
+            key_mask=self.key_mask[:, : self.cache.length + 1] if self.padded else None,
+        )
+        self.pos = self.pos + 1
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the given rows (LongTensor of indices), in that order."""
+        rows = rows.to(self.out.device)
+        self.cache = self.cache.select(rows)
+        self.out = self.out.index_select(0, rows)
+        self.pos = self.pos.index_select(0, rows)
+        self.key_mask = self.key_mask.index_select(0, rows)
+
+
+class TokenDecoder:
+    """The baseline's decoding state: next-token logits per row in ``out`` (B, V);
+    ``feed(tokens (B, 1))`` and ``keep(rows)`` as for :class:`CalmDecoder`."""
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int):
+        device = next(model.parameters()).device
+        self.model = model
+        self.unit = 1
+        slots, known = _left_pad(prompts, 1, device)
+        B, S = slots.shape
+        limit = model.config.max_seq_len
+        if S + max_new_tokens > limit:
+            raise CalmError(
+                f"the prompt ({S} tokens) plus {max_new_tokens} new tokens exceeds the model's "
+                f"context of {limit} tokens"
+            )
+        self.padded = not bool(known.all())
+        positions = (known.long().cumsum(1) - 1).clamp(min=0)
+        self.key_mask = torch.ones(B, S + max_new_tokens, dtype=torch.bool, device=device)
+        self.key_mask[:, :S] = known
+        self.cache = model.make_cache(B, S + max_new_tokens)
+        self.out = model.logits(
+            slots, positions=positions, cache=self.cache,
+            key_mask=self.key_mask[:, :S] if self.padded else None,
+            read=torch.tensor([S - 1], device=device),
+        )[:, -1]
+        self.pos = positions[:, -1:] + 1
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        self.out = self.model.logits(
+            tokens, positions=self.pos, cache=self.cache,
+            key_mask=self.key_mask[:, : self.cache.length + 1] if self.padded else None,
+        )[:, -1]
+        self.pos = self.pos + 1
+
+    keep = CalmDecoder.keep
+
+
+def decoder(model, prompts: list[list[int]], max_new_tokens: int):
+    """The decoding state of ``model`` (CALM or baseline) after reading ``prompts``."""
+    _check_prompts(prompts)
+    if getattr(model, "kind", None) == "calm":
+        return CalmDecoder(model, prompts, max_new_tokens)
+    return TokenDecoder(model, prompts, max_new_tokens)
+
+
 def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step):
-    K = model.config.chunk_size
-    device = next(model.parameters()).device
     if chooser is None:
         if temperature != 1.0:
             from calm.temperature_sampling import temperature_chooser
@@ -129,48 +230,24 @@ def _generate_calm(model, prompts, max_new_tokens, eot_id, generator, chooser, t
             chooser = temperature_chooser(model, temperature, generator=generator)
         else:
             chooser = head_sample_chooser(model, generator)
-    slots, known = _left_pad(prompts, K, device)
-    B = len(prompts)
-    chunks = slots.view(B, -1, K)  # (B, C, K)
-    known = known.view(B, -1, K)
-    C = chunks.shape[1]
-    new_chunks = math.ceil(max_new_tokens / K)
-    limit = model.config.backbone.max_seq_len
-    if C + new_chunks > limit:
-        raise CalmError(
-            f"the prompt ({C} chunks) plus {new_chunks} new chunks exceeds the model's context "
-            f"of {limit} chunks ({limit * K} tokens)"
-        )
-    real = known.any(-1)  # (B, C) chunks with at least one token
-    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, C)
-    padded = not bool(real.all())
-    key_mask = torch.ones(B, C + new_chunks, dtype=torch.bool, device=device)
-    key_mask[:, :C] = real
-    latents = model.input_latents(chunks, known)  # continuous input: μ of the prompt's chunks
-    cache = model.make_cache(B, C + new_chunks)
-    h = model.step(
-        chunks, latents, cache=cache, positions=positions,
-        key_mask=key_mask[:, :C] if padded else None, known=known,
-    )
-    pos = positions[:, -1:] + 1  # (B, 1)
+    dec = CalmDecoder(model, prompts, max_new_tokens)
+    return _run_steps(dec, len(prompts), math.ceil(max_new_tokens / dec.unit),
+                      lambda out: chooser(out)[0], max_new_tokens, eot_id, on_step)
+
+
+def _run_steps(dec, B, steps_max, choose, max_new_tokens, eot_id, on_step):
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     steps = 0
-    for _ in range(new_chunks):
-        tokens, _ = chooser(h)  # (B, K), (B, l)
+    for _ in range(steps_max):
+        tokens = choose(dec.out)  # (B, unit)
         steps += 1
         added = _finish_rows(tokens, eot_id, done, out, max_new_tokens)
         if on_step is not None:
             on_step(added)
         if bool(done.all()):
             break
-        # The continuous input reads the encoder's μ of the chosen tokens, as in training.
-        prev = model.input_latents(tokens[:, None])
-        h = model.step(
-            tokens[:, None], prev, cache=cache, positions=pos,
-            key_mask=key_mask[:, : cache.length + 1] if padded else None,
-        )
-        pos = pos + 1
+        dec.feed(tokens)
     return Generation(out, steps)
 
 
@@ -181,39 +258,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, generator=None) -> t
 
 
 def _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step):
-    device = next(model.parameters()).device
-    slots, known = _left_pad(prompts, 1, device)
-    B, S = slots.shape
-    limit = model.config.max_seq_len
-    if S + max_new_tokens > limit:
-        raise CalmError(
-            f"the prompt ({S} tokens) plus {max_new_tokens} new tokens exceeds the model's "
-            f"context of {limit} tokens"
-        )
-    padded = not bool(known.all())
-    positions = (known.long().cumsum(1) - 1).clamp(min=0)
-    key_mask = torch.ones(B, S + max_new_tokens, dtype=torch.bool, device=device)
-    key_mask[:, :S] = known
-    cache = model.make_cache(B, S + max_new_tokens)
-    logits = model.logits(
-        slots, positions=positions, cache=cache, key_mask=key_mask[:, :S] if padded else None,
-        read=torch.tensor([S - 1], device=device),
-    )[:, -1]
-    pos = positions[:, -1:] + 1
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    steps = 0
-    for _ in range(max_new_tokens):
-        nxt = sample_logits(logits, temperature, generator)  # (B,)
-        steps += 1
-        added = _finish_rows(nxt[:, None], eot_id, done, out, max_new_tokens)
-        if on_step is not None:
-            on_step(added)
-        if bool(done.all()):
-            break
-        logits = model.logits(
-            nxt[:, None], positions=pos, cache=cache,
-            key_mask=key_mask[:, : cache.length + 1] if padded else None,
-        )[:, -1]
-        pos = pos + 1
-    return Generation(out, steps)
+    dec = TokenDecoder(model, prompts, max_new_tokens)
+    return _run_steps(dec, len(prompts), max_new_tokens,
+                      lambda out: sample_logits(out, temperature, generator)[:, None],
+                      max_new_tokens, eot_id, on_step)
