@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tradeoff": ("tradeoff", "accuracy-diversity trade-off of temperature sampling"),
     "report": ("report", "rebuild a run folder's report"),
     "import": ("import_authors", "import a checkpoint in the CALM authors' format"),
+    "serve": ("serve", "serve a model over HTTP with an OpenAI-compatible API"),
 }
 
 
