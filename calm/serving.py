@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -71,9 +72,10 @@ def row_sampler(model, temperature: float, *, sampler: str = "auto", num_candida
     if sampler not in ("auto", "batch", "exact"):
         raise CalmError(f"sampler must be auto, batch or exact, got {sampler!r}")
     if getattr(model, "kind", None) != "calm":
+        from calm.generate import sample_logits
+
         def softmax(out, generators):
-            probs = torch.softmax(out.float() / temperature, dim=-1)
-            return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)
+            return torch.cat([sample_logits(out[i : i + 1], temperature, g)[:, None]
                               for i, g in enumerate(generators)])
 
         return Sampler("softmax", softmax, ("softmax", temperature))
@@ -251,8 +253,6 @@ class Engine:
             return None
 
     def _next_batch(self) -> list[Job]:
-        import time
-
         first = self._take(0.05)
         if first is None:
             return []
@@ -260,8 +260,7 @@ class Engine:
         prompt_pos, new_pos = self._fit([first])
         deadline = time.monotonic() + self.wait
         while rows < self.max_batch:
-            left = deadline - time.monotonic()
-            job = self._take(max(left, 0)) if left > 0 else self._take_nowait()
+            job = self._take(max(deadline - time.monotonic(), 0.0))
             if job is None:
                 break
             p, n = self._fit([job])
@@ -273,14 +272,6 @@ class Engine:
             rows += job.rows
             prompt_pos, new_pos = max(p, prompt_pos), max(n, new_pos)
         return jobs
-
-    def _take_nowait(self) -> Job | None:
-        if self._held is not None:
-            return None
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
 
     def _fit(self, jobs: list[Job]) -> tuple[int, int]:
         p = max(self._positions(len(q), j.max_tokens)[0] for j in jobs for q in j.prompts)
