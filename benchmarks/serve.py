@@ -2,7 +2,9 @@
 
 Both models have the speed benchmark's backbone (hidden 512, ffn 1376, 8 layers,
 8 heads; CALM with K = 4, an energy head of 2 blocks and the reference-size
-autoencoder), random weights (speed does not depend on them) and one BPE trained
+autoencoder), random weights (speed does not depend on them; the head's last layer
+at PyTorch's default init rather than zero, so that its samples, and the text they
+decode to, vary as a trained model's do) and one BPE trained
 on the benchmark data, whose size sets the vocabulary. Each is served in its own
 process by `calm.server` exactly as `calm serve` does (FastAPI + uvicorn, the
 batching engine with its defaults: max batch 16, 10 ms wait); clients in this
@@ -64,7 +66,8 @@ def build(kind: str, tokenizer_dir: str, threads: int):
     backbone = preset("transformer", "bench", max_seq_len=1024, vocab_size=tok.vocab_size)
     if kind == "calm":
         ae = Autoencoder(preset("autoencoder", "reference", vocab_size=tok.vocab_size)).eval()
-        model = CALM(CALMConfig(backbone=backbone, head=HeadConfig(num_blocks=2, num_samples=8),
+        model = CALM(CALMConfig(backbone=backbone, head=HeadConfig(num_blocks=2, num_samples=8,
+                                                               final_init="default"),
                                 chunk_size=4, latent_size=128), ae).eval()
     else:
         model = TokenLM(backbone).eval()
