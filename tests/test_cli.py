@@ -360,3 +360,26 @@ def test_generate_below_temperature_one(capsys, calm_run, base_run):
     run_ok(capsys, ["generate", "--model", str(base_run), *argv])
     run_err(capsys, ["generate", "--model", str(calm_run), *argv, "--num-candidates", "0"],
             "candidates")
+
+
+def test_library_training_run_equals_the_command(tmp_path, dataset_dir, ae_run, calm_run):
+    """`calm train` is `calm.runs.train_language_model` on the job its flags describe."""
+    import dataclasses
+
+    import torch
+
+    from calm.checkpoint import resolve_checkpoint
+    from calm.recipes import recipe
+    from calm.runs import LanguageModelJob, RunSettings, train_language_model
+
+    train = dataclasses.replace(recipe("calm", "tiny").train, steps=6, block_size=int(BLOCK),
+                                batch_size=4, eval_batches=2)
+    job = LanguageModelJob(kind="calm", data=dataset_dir, preset="tiny",
+                           head={"num_targets": 16}, autoencoder=str(ae_run), train=train)
+    result = train_language_model(job, RunSettings(out=tmp_path / "lib", progress=False))
+    assert result.step == 6
+    ours = load_file(str(result.checkpoint / "model.safetensors"))
+    theirs = load_file(str(resolve_checkpoint(calm_run) / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from calm import config as config_module
-from calm.checkpoint import has_checkpoint
 from calm.config import TrainConfig
-from calm.errors import CalmError
 
 
 @functools.cache
@@ -106,15 +104,22 @@ def add_train_flags(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 def train_config(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
-    cfg = dataclasses.replace(defaults, **overrides(args, TrainConfig))
-    for name in ("steps", "batch_size", "block_size", "grad_accum"):
-        if getattr(cfg, name) <= 0:
-            raise CalmError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise CalmError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 <= cfg.warmdown < 1:
-        raise CalmError(f"--warmdown must be in [0, 1), got {cfg.warmdown}")
-    return cfg
+    """The recipe's TrainConfig with the flags the user set, checked."""
+    from calm.runs import checked_train_config
+
+    return checked_train_config(dataclasses.replace(defaults, **overrides(args, TrainConfig)))
+
+
+def run_settings(args: argparse.Namespace):
+    """The `calm.runs.RunSettings` of a training command's output, runtime and fault flags."""
+    from calm.runs import RunSettings
+
+    return RunSettings(
+        out=args.out, overwrite=args.overwrite, resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints, max_bad_steps=args.max_bad_steps,
+        max_minutes=args.max_minutes, dist=args.dist, device=args.device, threads=args.threads,
+        precision=args.precision, progress=not args.no_progress,
+    )
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
@@ -140,13 +145,6 @@ def precision_of(args: argparse.Namespace, device) -> str:
     return resolve_precision(getattr(args, "precision", None) or default_precision(), device)
 
 
-def time_limit(args: argparse.Namespace) -> float | None:
-    m = getattr(args, "max_minutes", None)
-    if m is not None and m <= 0:
-        raise CalmError(f"--max-minutes must be positive, got {m}")
-    return None if m is None else 60.0 * m
-
-
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder to create")
     parser.add_argument(
@@ -166,34 +164,6 @@ def add_resume_flags(parser: argparse.ArgumentParser) -> None:
                    help="keep only the newest K checkpoints (0: all)")
     g.add_argument("--max-bad-steps", type=int, default=10, metavar="N",
                    help="stop after N steps in a row with a non-finite loss or gradient (0: never)")
-
-
-def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to clobber an existing checkpoint; clear it (metrics included) on --overwrite.
-    With ``resume`` an existing run folder is continued, not refused."""
-    if out.exists() and not out.is_dir():
-        raise CalmError(f"--out {out} exists and is not a folder")
-    if resume and overwrite:
-        raise CalmError("--resume and --overwrite contradict each other; pass one of them")
-    if has_checkpoint(out) and not resume:
-        if not overwrite:
-            raise CalmError(f"{out} already holds a checkpoint; pass --overwrite to replace it")
-        import shutil
-
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "config.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_writable(out)
-
-
-def _check_writable(folder: Path) -> None:
-    probe = folder / ".calm-write-test"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise CalmError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
 def presets_of(family: str) -> list[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from calm.cli.train import add_model_arguments, run_training
+from calm.cli.common import run_settings
+from calm.cli.train import add_model_arguments, job_of
+from calm.runs import train_language_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,4 +18,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    return run_training(args, kind="baseline")
+    train_language_model(job_of(args, "baseline"), run_settings(args))
+    return 0
