@@ -108,7 +108,8 @@ def plot_training(metrics: dict[str, list[dict]], path: Path) -> None:
         if va:
             ax.plot(*zip(*va), "o-", color="black", label="validation")
         ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("energy loss" if kind == "calm" else "cross-entropy (nats/token)")
+        ax.set_ylabel("the head's loss (energy or flow matching)" if kind == "calm"
+                      else "cross-entropy (nats/token)")
         ax.set_title(LABEL[kind])
         ax.grid(alpha=0.3)
         if tr or va:

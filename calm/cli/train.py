@@ -1,9 +1,11 @@
 """Train a CALM model on top of a frozen, trained autoencoder (SPEC §2).
 
-The backbone runs over chunk positions; the energy head predicts the next
-chunk's latent vector and is trained with the energy loss against the
-autoencoder's posterior. K, the latent size and the tokenizer come from the
-autoencoder, which must have been trained on data with the same tokenizer.
+The backbone runs over chunk positions; a generative head predicts the next
+chunk's latent vector against the autoencoder's posterior: the energy head
+trained with the energy loss (the paper's; every preset but demo), or the
+flow-matching head (the demo preset's default: it learns faster at small scale).
+K, the latent size and the tokenizer come from the autoencoder, which must have
+been trained on data with the same tokenizer.
 
 Example: calm train --autoencoder runs/ae --data data/shakespeare --out runs/calm --preset demo
 """
@@ -53,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one that checkpoint records")
     add_model_arguments(p, "calm")
     g = p.add_argument_group(
-        "generative head (defaults: HeadConfig, then the preset's recipe: demo and bench set "
-        "--head-final-init default; see calm.recipes)")
+        "generative head (defaults: HeadConfig, then the preset's recipe: demo sets --head flow, "
+        "bench --head-final-init default; see calm.recipes)")
     add_config_flags(g, HeadConfig, prefix="head-")
     # Short spellings of the most used head flags.
     g.add_argument("--head", dest="head_kind", choices=["energy", "flow", "diffusion"],
