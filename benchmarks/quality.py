@@ -13,9 +13,20 @@ one total budget on this machine:
    generation tokens/s; plots BrierLM (and Brier-1, Brier-2) against training
    FLOPs, one curve per model, from the validations during training.
 
+The headline comparison is CALM K = 4 against the best baseline at equal
+training FLOPs: CALM's final BrierLM against the baseline's BrierLM at CALM's
+FLOPs, read off the baseline's validation curve (linear interpolation), with the
+ratio at equal wall time (both final scores) beside it.
+
 Usage: python benchmarks/quality.py [--minutes 60] [--data data/shakespeare]
+       python benchmarks/quality.py --lm-minutes 20 --sweep-minutes 6 --ae-minutes 8
+       [--chunk-sizes 4]
+--lm-minutes sets the time of CALM K = 4 and of each baseline, --sweep-minutes
+that of CALM K = 1, 2, 8, --ae-minutes that of the K = 4 autoencoder (the other
+K scale with it); without them --minutes is split by fixed weights.
 Writes benchmarks/results/quality.json and quality.png. Rerunning reuses the
-trainings already finished in --out (delete it, or pass --fresh, to redo them).
+trainings already finished in --out (delete it, or pass --fresh, to redo them),
+so a run with --chunk-sizes 4 can be extended by the sweep later.
 """
 
 from __future__ import annotations
@@ -119,7 +130,26 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens of the final scores")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="redo every training")
+    p.add_argument("--lm-minutes", type=float, default=None,
+                   help="training minutes of CALM K=4 and of each baseline (default: from --minutes)")
+    p.add_argument("--sweep-minutes", type=float, default=None,
+                   help="training minutes of CALM K=1, 2, 8 (default: --lm-minutes)")
+    p.add_argument("--ae-minutes", type=float, default=None,
+                   help="training minutes of the K=4 autoencoder; other K scale with it "
+                        "(default: from --minutes)")
+    p.add_argument("--chunk-sizes", default=",".join(map(str, CHUNK_SIZES)),
+                   help="comma-separated K of the CALM sweep (K=4 is always included)")
     args = p.parse_args()
+    try:
+        sizes = sorted({4, *(int(k) for k in args.chunk_sizes.split(",") if k.strip())})
+    except ValueError:
+        p.error(f"--chunk-sizes: expected integers like 1,2,4,8, got {args.chunk_sizes!r}")
+    if any(k not in AE_WEIGHT for k in sizes):
+        p.error(f"--chunk-sizes: choose from {', '.join(map(str, CHUNK_SIZES))}")
+    for flag in ("minutes", "lm_minutes", "sweep_minutes", "ae_minutes"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {value:g}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.fresh and args.out.exists():
@@ -132,19 +162,23 @@ def main() -> None:
 
     units = sum(AE_WEIGHT.values()) + LM_WEIGHT * (len(CHUNK_SIZES) + len(BASELINES))
     unit = args.minutes * TRAIN_SHARE / units
-    lm_minutes = LM_WEIGHT * unit
-    print(f"budget {args.minutes:g} min: {lm_minutes:.1f} min per language model, autoencoders "
-          + ", ".join(f"K={k}: {AE_WEIGHT[k] * unit:.1f}" for k in CHUNK_SIZES), flush=True)
+    lm_minutes = args.lm_minutes or LM_WEIGHT * unit
+    sweep_minutes = args.sweep_minutes or lm_minutes
+    ae_minutes = {K: (args.ae_minutes / AE_WEIGHT[4] if args.ae_minutes else unit) * AE_WEIGHT[K]
+                  for K in sizes}
+    print(f"{lm_minutes:.1f} min for CALM K=4 and each baseline, {sweep_minutes:.1f} for the other "
+          "CALMs; autoencoders " + ", ".join(f"K={k}: {ae_minutes[k]:.1f}" for k in sizes), flush=True)
 
-    results: dict = {"minutes": args.minutes, "lm_minutes": lm_minutes, "autoencoders": {},
-                     "models": {}}
-    for K in CHUNK_SIZES:
+    results: dict = {"minutes": args.minutes, "lm_minutes": lm_minutes,
+                     "sweep_minutes": sweep_minutes, "autoencoder_minutes": ae_minutes,
+                     "autoencoders": {}, "models": {}}
+    for K in sizes:
         ae = args.out / f"ae-k{K}"
         if not done(ae):
             print(f"--- autoencoder K={K}", flush=True)
             run_cli(["train-ae", *common, "--out", str(ae), "--preset", "demo", "--chunk-size", str(K),
                      "--latent-size", str(32 * K), "--steps", "1000000",
-                     "--max-minutes", f"{AE_WEIGHT[K] * unit:.3f}", "--eval-every", "0", "--overwrite"])
+                     "--max-minutes", f"{ae_minutes[K]:.3f}", "--eval-every", "0", "--overwrite"])
             (ae / "DONE").write_text("{}\n")
         ev = json.loads(run_cli(["eval-ae", "--model", str(ae), "--data", str(args.data), "--json",
                                  "--threads", str(args.threads)], capture=True))
@@ -155,7 +189,7 @@ def main() -> None:
     # name: (label, kind, preset, backbone overrides, autoencoder)
     runs: dict[str, tuple[str, str, str, list[str], Path | None]] = {
         f"calm-k{K}": (f"CALM K={K}", "calm", CALM_PRESET, [], args.out / f"ae-k{K}")
-        for K in CHUNK_SIZES
+        for K in sizes
     }
     for name, (label, preset, flags) in BASELINES.items():
         runs[name] = (label, "baseline", preset, flags, None)
@@ -164,10 +198,11 @@ def main() -> None:
         folder = args.out / name
         if not done(folder):
             print(f"--- {label}", flush=True)
-            every = steps_between_evals(kind, preset, flags, ds.vocab_size, ae, lm_minutes)
+            minutes = sweep_minutes if kind == "calm" and name != "calm-k4" else lm_minutes
+            every = steps_between_evals(kind, preset, flags, ds.vocab_size, ae, minutes)
             cmd = ["train", "--autoencoder", str(ae)] if kind == "calm" else ["train-baseline"]
             run_cli([*cmd, *common, "--out", str(folder), "--preset", preset, *flags, "--steps", "1000000",
-                     "--max-minutes", f"{lm_minutes:.3f}", "--eval-every", str(every), "--eval-brier",
+                     "--max-minutes", f"{minutes:.3f}", "--eval-every", str(every), "--eval-brier",
                      "--eval-brier-tokens", "4096", "--overwrite"])
             (folder / "DONE").write_text("{}\n")
         ev = json.loads(run_cli(["eval", "--model", str(folder), "--data", str(args.data),
@@ -194,6 +229,7 @@ def main() -> None:
         print(f"{label}: BrierLM {res['brier_lm']:.3f}, Brier-1 {res['brier_1']:.4f}, "
               f"{res['train_flops']:.2e} training FLOPs", flush=True)
 
+    results["comparison"] = compare_at_equal_flops(results["models"])
     results["wall_minutes"] = (time.perf_counter() - t_start) / 60
     path = write("quality", results)
     rows = []
@@ -209,8 +245,51 @@ def main() -> None:
     aes = [[f"K={K}", f"{100 * a['acc_sample']:.2f} %", f"{a['sigma']:.3f}", a["collapsed_dims"]]
            for K, a in results["autoencoders"].items()]
     print(table(aes, ["autoencoder", "accuracy (sampled z)", "mean σ", "collapsed dims"]))
+    c = results["comparison"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    if c:
+        print(f"CALM K=4 BrierLM {c['calm_brier_lm']:.3f} at {c['calm_train_flops']:.2e} FLOPs; "
+              f"best baseline at those FLOPs: {c['baseline_label']} {c['baseline_brier_lm_at_calm_flops']:.3f}"
+              f"{' (its curve ends earlier: its final score)' if c['baseline_curve_ends_early'] else ''}"
+              f" → ratio {fmt(c['ratio_equal_flops'])} at equal FLOPs, "
+              f"{fmt(c['ratio_equal_time'])} at equal time")
     plot(results)
     print(f"written to {path}")
+
+
+def compare_at_equal_flops(models: dict) -> dict | None:
+    """CALM K=4's final BrierLM against each baseline's BrierLM at CALM's training FLOPs.
+
+    A baseline's curve is its validations during training plus its final score; its value at
+    CALM's FLOPs is interpolated linearly (its final score when the curve ends earlier).
+    The best baseline is the one scoring highest at those FLOPs.
+    """
+    import numpy as np
+
+    calm = models.get("calm-k4")
+    if calm is None:
+        return None
+    flops = calm["train_flops"]
+    best = None
+    for name, r in models.items():
+        if r["kind"] != "baseline":
+            continue
+        pts = sorted([(q["train_flops"], q["brier_lm"]) for q in r["curve"]
+                      if q["train_flops"] < r["train_flops"]] + [(r["train_flops"], r["brier_lm"])])
+        xs, ys = np.array([0.0, *(x for x, _ in pts)]), np.array([0.0, *(y for _, y in pts)])
+        at = float(np.interp(flops, xs, ys))
+        if best is None or at > best["baseline_brier_lm_at_calm_flops"]:
+            best = {"baseline": name, "baseline_label": r["label"],
+                    "baseline_brier_lm_at_calm_flops": at,
+                    "baseline_curve_ends_early": bool(flops > xs[-1]),
+                    "baseline_final_brier_lm": r["brier_lm"]}
+    if best is None:
+        return None
+    final_best = max(r["brier_lm"] for r in models.values() if r["kind"] == "baseline")
+    ratio = lambda a, b: a / b if b > 0 else None  # noqa: E731
+    return {"calm_brier_lm": calm["brier_lm"], "calm_train_flops": flops, **best,
+            "ratio_equal_flops": ratio(calm["brier_lm"], best["baseline_brier_lm_at_calm_flops"]),
+            "ratio_equal_time": ratio(calm["brier_lm"], final_best)}
 
 
 def plot(results: dict) -> None:
