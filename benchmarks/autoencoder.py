@@ -17,14 +17,26 @@ Writes benchmarks/results/autoencoder-<machine>.json (one file per kind of CPU).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, format_limits, machine_limits, table, timed, write  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    cpu_model,
+    format_limits,
+    machine_limits,
+    machine_tag,
+    table,
+    timed,
+    write,
+)
 
 from calm.autoencoder import Autoencoder, health  # noqa: E402
 from calm.config import TrainConfig, preset  # noqa: E402
@@ -32,6 +44,7 @@ from calm.data import BatchLoader, TokenDataset, eval_batches  # noqa: E402
 from calm.dataset import prepare_dataset  # noqa: E402
 from calm.demo import DEMO_VALIDATION, demo_documents  # noqa: E402
 from calm.precision import autocast, resolve_precision  # noqa: E402
+from calm.recipes import recipe  # noqa: E402
 from calm.train import make_optimizer, train  # noqa: E402
 
 AUTHORS = {"AMD EPYC": 903.0, "Intel Xeon": 923.0}  # their code at the reference size, tokens/s
@@ -72,14 +85,18 @@ def accuracy_by_training_count(model, ds: TokenDataset, val, bounds=(0, 1, 5, 20
              "acc_sample": float(right[i] / total[i]) if total[i] else None} for i in range(len(bounds))]
 
 
-def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int,
-            precision: str = "auto") -> dict:
+def quality(ds: TokenDataset, minutes: float, steps: int, lr: float | None, batch: int | None,
+            precision: str = "auto", warmdown: float | None = None) -> dict:
+    """Train the demo autoencoder with the demo recipe (each argument given overrides it)."""
     cfg = preset("autoencoder", "demo", vocab_size=ds.vocab_size)
-    tcfg = TrainConfig(steps=steps, batch_size=batch, block_size=512, lr=lr, warmup_steps=100,
-                       eval_every=0, seed=0)
+    rec = recipe("autoencoder", "demo").train
+    tcfg = replace(rec, steps=steps, eval_every=0, seed=0,
+                   **{k: v for k, v in (("lr", lr), ("batch_size", batch), ("warmdown", warmdown))
+                      if v is not None})
+    lr, batch = tcfg.lr, tcfg.batch_size
     torch.manual_seed(0)
     model = Autoencoder(cfg)
-    loader = BatchLoader(ds, "train", 512, batch, seed=0, chunk_size=4)
+    loader = BatchLoader(ds, "train", tcfg.block_size, batch, seed=0, chunk_size=4)
     t0 = time.perf_counter()
     precision = resolve_precision(precision, "cpu")
     res = train(model, tcfg, iter(loader), run_dir=None, time_limit=60 * minutes, desc="demo AE",
@@ -90,7 +107,11 @@ def quality(ds: TokenDataset, minutes: float, steps: int, lr: float, batch: int,
     h["by_training_count"] = accuracy_by_training_count(model, ds, val)
     return {"config": {"hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
                        "latent": cfg.latent_size, "K": cfg.chunk_size, "vocab": cfg.vocab_size,
-                       "batch_tokens": batch * 512, "lr": lr, "precision": precision},
+                       "batch_tokens": batch * tcfg.block_size, "lr": lr,
+                       "warmup_steps": tcfg.warmup_steps, "warmdown": tcfg.warmdown,
+                       "precision": precision},
+            "measured": {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                         "load_average_1min": os.getloadavg()[0]},
             "steps": res.step, "train_seconds": wall, "train_tokens_per_s": res.tokens_per_second,
             **h}
 
@@ -137,8 +158,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=9.0, help="training budget of the demo AE")
     p.add_argument("--steps", type=int, default=100000, help="step cap of the demo AE")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch", type=int, default=8, help="sequences of 512 tokens per step")
+    p.add_argument("--lr", type=float, default=None, help="demo AE learning rate (default: the recipe's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="demo AE sequences of 512 tokens per step (default: the recipe's)")
+    p.add_argument("--warmdown", type=float, default=None,
+                   help="demo AE: fraction of the run over which the LR falls to 0 (default: the recipe's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5, help="timed steps at the reference size")
     p.add_argument("--data", type=Path, default=Path("data/shakespeare"))
@@ -151,14 +175,23 @@ def main() -> None:
                    help="precision of the demo autoencoder's training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # Sections not rerun (--skip-quality / --skip-speed) keep their earlier figures.
+    previous = RESULTS / f"autoencoder-{machine_tag()}.json"
     out: dict = {}
+    if previous.is_file():
+        old = json.loads(previous.read_text())
+        keep = [] if not args.skip_quality else ["demo"]
+        keep += [] if not args.skip_speed else ["limits", "reference_speed", "speed_machine"]
+        out.update({k: old[k] for k in keep if k in old})
+        if args.skip_speed and "reference_speed" in old and "speed_machine" not in old:
+            out["speed_machine"] = old["machine"]  # when the kept speed figures were measured
     if not args.skip_speed:
         limits = machine_limits(sorted({1, args.threads}))
         print(f"{cpu_model()}: {format_limits(limits)}", flush=True)
         out["limits"] = limits
     if not args.skip_quality:
         out["demo"] = quality(demo_dataset(args.data), args.minutes, args.steps, args.lr, args.batch,
-                              args.quality_precision)
+                              args.quality_precision, args.warmdown)
     if not args.skip_speed:
         if args.precision:
             precisions = [resolve_precision(x.strip(), "cpu") for x in args.precision.split(",")]
