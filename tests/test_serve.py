@@ -170,7 +170,11 @@ def test_concurrent_streams_each_get_their_own_output(served, client):
 def test_a_disconnected_stream_is_dropped(served):
     engine = served.app.state.engine
     dropped = engine.dropped
-    body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 2000, "stream": True, "seed": 0}
+    # The stream must outlive the disconnect: no early end-of-text (ignore_eos), and steps slow
+    # enough (the batch temperature sampler draws many candidates each) that a loaded machine
+    # cannot finish all of them before the server sees the client go.
+    body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 2000, "stream": True, "seed": 0,
+            "ignore_eos": True, "temperature": 0.5, "sampler": "batch"}
     u = urlparse(served.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
