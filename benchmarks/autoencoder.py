@@ -11,7 +11,8 @@
 
 Usage: python benchmarks/autoencoder.py [--minutes 9] [--threads 2] [--skip-quality]
        [--precision fp32,bf16]
-Writes benchmarks/results/autoencoder-<machine>.json (one file per kind of CPU).
+Writes benchmarks/results/autoencoder-<machine>.json (one file per kind of CPU; --name
+NAME writes NAME-<machine>.json instead, for a variant run side by side).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -164,6 +166,9 @@ def main() -> None:
     p.add_argument("--warmdown", type=float, default=None,
                    help="demo AE: fraction of the run over which the LR falls to 0 (default: the recipe's)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="autoencoder",
+                   help="results file name: benchmarks/results/NAME-<machine>.json (another name keeps "
+                        "a variant's figures apart, e.g. for runs side by side)")
     p.add_argument("--repeat", type=int, default=5, help="timed steps at the reference size")
     p.add_argument("--data", type=Path, default=Path("data/shakespeare"))
     p.add_argument("--skip-quality", action="store_true")
@@ -176,7 +181,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     # Sections not rerun (--skip-quality / --skip-speed) keep their earlier figures.
-    previous = RESULTS / f"autoencoder-{machine_tag()}.json"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
+        p.error(f"--name {args.name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    previous = RESULTS / f"{args.name}-{machine_tag()}.json"
     out: dict = {}
     if previous.is_file():
         old = json.loads(previous.read_text())
@@ -201,7 +208,7 @@ def main() -> None:
             reference_speed(args.repeat, prec, limits[str(args.threads)][f"matmul_{prec}_gflops"])
             for prec in precisions
         ]
-    path = write("autoencoder", out, per_machine=True)
+    path = write(args.name, out, per_machine=True)
     rows = []
     if "demo" in out:
         q = out["demo"]

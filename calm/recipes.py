@@ -47,7 +47,11 @@ _LM_PAPER = TrainConfig(
 RECIPES: dict[str, dict[str, Recipe]] = {
     "autoencoder": {
         "tiny": Recipe(_AE_SMALL),
-        "demo": Recipe(_AE_SMALL),
+        # The LR falls linearly to 0 over the last 30 % of the run (of --max-minutes when
+        # given): 10 minutes on 2 threads reach 99.49 % held-out accuracy at a sampled z
+        # (100.00 % on tokens seen >= 100 times) against 98.95 % (99.87 %) at a constant LR,
+        # run one after the other on one machine (benchmarks/autoencoder.py).
+        "demo": Recipe(replace(_AE_SMALL, warmdown=0.3)),
         "reference": Recipe(replace(_AE_SMALL, lr=3e-4, warmup_steps=1000, steps=30_000,
                                     eval_every=1000)),
     },
