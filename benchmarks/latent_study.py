@@ -1,30 +1,37 @@
 """Why CALM's Brier-3 and Brier-4 stay at 0: do its sampled chunks decode coherently?
 
 CALM predicts a whole chunk of K = 4 tokens as one latent vector. A sample that
-falls between the autoencoder's chunk latents decodes slot by slot into tokens
-of different chunks: each token may be plausible, the chunk is not. Brier-1
-does not see this (it looks at the first token only); Brier-3 and Brier-4 do.
-This study measures it, side by side, for autoencoders that differ in one
-factor (arms), each followed by the same CALM:
+falls between the autoencoder's chunk latents need not decode to any whole
+chunk: some tokens may be right, the chunk is not. Brier-1 does not see this
+(it looks at the first token only); Brier-3 and Brier-4 do.
+This study measures it, side by side, for arms that differ in one factor of
+the autoencoder or of CALM's head from the demo recipes:
 
-  base       the demo autoencoder recipe (β = 1e-3: σ ≈ 0.15)
-  kl01       --kl-weight 0.01 (a stronger pull to the prior: σ ≈ 0.35, the paper's value)
+  base       the demo recipes (autoencoder β = 1e-3: σ ≈ 0.15; flow head, 1 block of width 256)
+  kl01       autoencoder --kl-weight 0.01 (a stronger pull to the prior: σ ≈ 0.3)
+  kl003      autoencoder --kl-weight 0.003
+  head4      CALM --head-num-blocks 4 (a deeper head: can it fit a chunk's joint distribution?)
+  head4x512  CALM --head-num-blocks 4 --head-width 512
 
-Every arm trains its autoencoder (--ae-minutes) and then a demo CALM on it
-(--lm-minutes), all arms at the same time with --threads each, so a busy
-machine slows them alike. Then, on the same held-out text:
+Every arm trains its autoencoder (--ae-minutes), or takes the one given by
+--autoencoder, and then a demo CALM on it (--lm-minutes), all arms at the same
+time with --threads each, so a busy machine slows them alike. Then, on the
+same held-out text:
 
-- the autoencoder: accuracy decoding a sampled z, mean σ, and *midpoint
-  coherence*: for pairs of held-out chunks A ≠ B, the share of midpoints
-  (μ_A + μ_B) / 2 that decode to exactly A or exactly B (a smooth latent space
-  decodes in-between points to one whole chunk, not to a mix);
+- the autoencoder: accuracy decoding a sampled z, mean σ, and what lies
+  between chunks: for pairs of held-out chunks A ≠ B, points on the line from
+  μ_A to μ_B, the share that decode to exactly A or exactly B, and where A and
+  B differ, whether a slot decodes to A's token, B's, or a third;
 - CALM: Brier-1…4 ± SE (--eval-tokens), the chance that a sample's slot j is the
   true token, and the chance that its first n tokens are all true, with the
   conditional P(token n right | first n−1 right) — the chunk's coherence.
 
 Usage: python benchmarks/latent_study.py --data data/shakespeare [--arms base,kl01]
        [--ae-minutes 6] [--lm-minutes 6] [--threads 1] [--out runs/latent_study]
-Rerunning reuses finished arms in --out. Writes benchmarks/results/latent_study.json.
+       python benchmarks/latent_study.py --arms base,head4 --autoencoder runs/ae
+       --lm-minutes 15 --label head --out runs/head_arms
+Rerunning reuses finished arms in --out. Writes benchmarks/results/latent_study.json,
+keeping the arms of earlier runs that were not rerun (each records its settings).
 """
 
 from __future__ import annotations
@@ -38,40 +45,62 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, run_cli, table, write  # noqa: E402
+from common import RESULTS, machine, run_cli, table, write  # noqa: E402
 
+from calm.checkpoint import has_checkpoint, list_checkpoints  # noqa: E402
 from calm.data import TokenDataset, eval_batches  # noqa: E402
 from calm.evaluate import calm_sample_ngrams  # noqa: E402
 from calm.loading import load_model  # noqa: E402
 
+POINTS = (0.1, 0.25, 0.4, 0.5)  # where on the line from μ_A to μ_B the decoding is read
+# arm: (flags of `calm train-ae`, flags of `calm train`), one change from the demo recipes.
 ARMS = {
-    "base": [],
-    "kl01": ["--kl-weight", "0.01"],
-    "kl003": ["--kl-weight", "0.003"],
+    "base": ([], []),
+    "kl01": (["--kl-weight", "0.01"], []),
+    "kl003": (["--kl-weight", "0.003"], []),
+    "head4": ([], ["--head-num-blocks", "4"]),
+    "head4x512": ([], ["--head-num-blocks", "4", "--head-width", "512"]),
 }
 
 
-def train_arm(out: Path, data: Path, flags: list[str], ae_minutes: float, lm_minutes: float,
-              threads: int) -> subprocess.Popen:
-    """Start one arm (autoencoder, then CALM) as a child process."""
+def last_checkpoint(run_dir: Path) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise SystemExit(f"{run_dir}: no checkpoint")
+    return found[-1]
+
+
+def train_arm(out: Path, data: Path, arm: tuple[list[str], list[str]], ae_minutes: float,
+              lm_minutes: float, threads: int, autoencoder: Path | None) -> subprocess.Popen:
+    """Start one arm (its autoencoder unless a shared one is given, then CALM) as a child process."""
     calm = [sys.executable, "-m", "calm"]
     common = ["--data", str(data), "--preset", "demo", "--steps", "1000000", "--threads", str(threads),
               "--overwrite", "--no-progress"]
-    script = " && ".join([
-        " ".join([*calm, "train-ae", *common, "--out", str(out / "ae"),
-                  "--max-minutes", f"{ae_minutes:g}", *flags]),
-        " ".join([*calm, "train", *common, "--autoencoder", str(out / "ae"), "--out", str(out / "calm"),
-                  "--max-minutes", f"{lm_minutes:g}"]),
+    ae_flags, lm_flags = arm
+    steps = []
+    if autoencoder is None:
+        autoencoder = out / "ae"
+        steps.append(" ".join([*calm, "train-ae", *common, "--out", str(autoencoder),
+                               "--max-minutes", f"{ae_minutes:g}", *ae_flags]))
+    steps += [
+        " ".join([*calm, "train", *common, "--autoencoder", str(autoencoder), "--out", str(out / "calm"),
+                  "--max-minutes", f"{lm_minutes:g}", *lm_flags]),
         f"touch {out / 'DONE'}",
-    ])
+    ]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "w")
-    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(["bash", "-c", " && ".join(steps)], stdout=log, stderr=subprocess.STDOUT)
 
 
 @torch.no_grad()
-def midpoint_coherence(ae, val, pairs: int = 4096, seed: int = 0) -> dict:
-    """Share of midpoints of two different held-out chunks' means that decode to one of them."""
+def midpoint_coherence(ae, val, pairs: int = 4096, seed: int = 0,
+                       points: tuple[float, ...] = POINTS) -> dict:
+    """What points between two different held-out chunks' means decode to.
+
+    For pairs of chunks A ≠ B and points (1 − t)·μ_A + t·μ_B: the share decoding to
+    exactly A or exactly B, and, over the slots where A and B differ, the shares
+    decoding to A's token, to B's token, and to a third token.
+    """
     g = torch.Generator().manual_seed(seed)
     chunks = torch.cat([b.reshape(-1, ae.config.chunk_size) for b in val])
     i = torch.randint(0, chunks.shape[0], (pairs,), generator=g)
@@ -81,10 +110,19 @@ def midpoint_coherence(ae, val, pairs: int = 4096, seed: int = 0) -> dict:
     a, b = a[keep], b[keep]
     mu_a, _ = ae.encode(a)
     mu_b, _ = ae.encode(b)
-    dec = ae.decode_tokens((mu_a + mu_b) / 2)
-    is_a, is_b = (dec == a).all(-1), (dec == b).all(-1)
-    return {"pairs": int(keep.sum()), "whole_chunk": float((is_a | is_b).float().mean()),
-            "median_distance": float((mu_a - mu_b).norm(dim=-1).median())}
+    differ = a != b
+    line = []
+    for t in points:
+        dec = ae.decode_tokens((1 - t) * mu_a + t * mu_b)
+        to_a = float(((dec == a) & differ).sum() / differ.sum())
+        to_b = float(((dec == b) & differ).sum() / differ.sum())
+        line.append({"t": t, "whole_chunk": float(((dec == a).all(-1) | (dec == b).all(-1)).float().mean()),
+                     "differing_slots_to_a": to_a, "differing_slots_to_b": to_b,
+                     "differing_slots_to_other": 1 - to_a - to_b})
+    mid = next((r for r in line if r["t"] == 0.5), line[-1])
+    return {"pairs": int(keep.sum()), "whole_chunk": mid["whole_chunk"], "line": line,
+            "median_distance": float((mu_a - mu_b).norm(dim=-1).median()),
+            "median_norm": float(mu_a.norm(dim=-1).median())}
 
 
 @torch.no_grad()
@@ -94,6 +132,7 @@ def sample_coherence(model, val, max_batches: int, seed: int = 0) -> dict:
     K = model.config.chunk_size
     slot = torch.zeros(K)
     prefix = torch.zeros(K)
+    both = torch.zeros(K, K)
     n = 0
     for k, b in enumerate(val):
         if k >= max_batches:
@@ -102,12 +141,15 @@ def sample_coherence(model, val, max_batches: int, seed: int = 0) -> dict:
         right = (s1 == t).flatten(0, 1).float()  # (positions, K)
         slot += right.sum(0)
         prefix += right.cumprod(-1).sum(0)
+        both += right.T @ right
         n += right.shape[0]
+    # pairwise[i][j] = P(slot j right | slot i right): above the marginal, the slots agree.
+    pairwise = (both / both.diagonal()[:, None].clamp_min(1)).tolist()
     slot, prefix = slot / n, prefix / n
     cond = [float(prefix[0])] + [float(prefix[i] / prefix[i - 1]) if prefix[i - 1] > 0 else None
                                  for i in range(1, K)]
     return {"positions": n, "slot_right": slot.tolist(), "first_n_right": prefix.tolist(),
-            "next_right_given_prefix": cond}
+            "next_right_given_prefix": cond, "pairwise_right_given_right": pairwise}
 
 
 def main() -> None:
@@ -118,37 +160,71 @@ def main() -> None:
     p.add_argument("--ae-minutes", type=float, default=6.0)
     p.add_argument("--lm-minutes", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=1, help="threads per arm (the arms run together)")
+    p.add_argument("--autoencoder", type=Path, default=None,
+                   help="one trained autoencoder for every arm (then no arm may change the autoencoder)")
+    p.add_argument("--label", default="",
+                   help="prefix of this run's arms in the results file (LABEL/arm), so that arms run "
+                        "under other settings, e.g. on a shared autoencoder, keep their own entries")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
+                   help="also measure a CALM trained elsewhere (its run folder), without training; "
+                        "repeatable; --arms '' measures only these")
     p.add_argument("--eval-tokens", type=int, default=65536)
     args = p.parse_args()
+    extra = {}
+    for item in args.model:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not has_checkpoint(path):
+            p.error(f"--model {item!r}: give LABEL=PATH with a trained CALM run folder at PATH")
+        extra[label] = Path(path)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if min(args.ae_minutes, args.lm_minutes) <= 0 or args.threads < 1:
         p.error("--ae-minutes and --lm-minutes must be positive, --threads at least 1")
+    if args.autoencoder is not None:
+        if not has_checkpoint(args.autoencoder):
+            p.error(f"--autoencoder {args.autoencoder}: no checkpoint there")
+        changed = [a for a in arms if ARMS[a][0]]
+        if changed:
+            p.error(f"arm(s) {', '.join(changed)} change the autoencoder; drop --autoencoder for them")
     if not (args.data / "meta.json").is_file():
         run_cli(["prepare", "--demo", "--out", str(args.data)])
 
-    procs = {a: train_arm(args.out / a, args.data, ARMS[a], args.ae_minutes, args.lm_minutes, args.threads)
+    procs = {a: train_arm(args.out / a, args.data, ARMS[a], args.ae_minutes, args.lm_minutes, args.threads,
+                          args.autoencoder)
              for a in arms if not (args.out / a / "DONE").is_file()}
     for a, proc in procs.items():
         if proc.wait() != 0:
             raise SystemExit(f"arm {a} failed; see {args.out / a / 'train.log'}")
 
-    torch.set_num_threads(max(1, args.threads * len(arms)))
+    torch.set_num_threads(args.threads * max(1, len(arms)))
     ds = TokenDataset(args.data)
     val = eval_batches(ds, "val", 512, 16)
-    results = {}
+    # What to measure: this run's arms, then the CALMs given by --model.
+    todo = {}
     for a in arms:
-        folder = args.out / a
-        ae_eval = json.loads(run_cli(["eval-ae", "--model", str(folder / "ae"), "--data", str(args.data),
-                                      "--json"], capture=True))
-        lm_eval = json.loads(run_cli(["eval", "--model", str(folder / "calm"), "--data", str(args.data),
-                                      "--max-tokens", str(args.eval_tokens), "--json"], capture=True))
-        model, _, _ = load_model(folder / "calm")
+        todo[a] = (args.out / a / "calm", args.autoencoder or args.out / a / "ae", {
+            "autoencoder_flags": ARMS[a][0], "calm_flags": ARMS[a][1],
+            "ae_minutes": None if args.autoencoder is not None else args.ae_minutes,
+            "lm_minutes": args.lm_minutes, "threads": args.threads, "run_together": arms})
+    for label, path in extra.items():
+        todo[label] = (path, None, {"model_path": str(path)})
+    results = {}
+    for a, (calm_dir, ae_dir, meta) in todo.items():
+        model, _, _ = load_model(calm_dir)
         model.eval()
+        if ae_dir is None:  # a CALM trained elsewhere: its autoencoder's run folder, as it recorded
+            cfg = json.loads((last_checkpoint(calm_dir) / "config.json").read_text())
+            ae_dir = Path(cfg["autoencoder"]["path"])
+        ae_eval = json.loads(run_cli(["eval-ae", "--model", str(ae_dir), "--data", str(args.data),
+                                      "--json"], capture=True))
+        lm_eval = json.loads(run_cli(["eval", "--model", str(calm_dir), "--data", str(args.data),
+                                      "--max-tokens", str(args.eval_tokens), "--json"], capture=True))
         results[a] = {
-            "flags": ARMS[a],
+            **meta,
+            "autoencoder_path": str(ae_dir),
+            "calm_steps": int(last_checkpoint(calm_dir).name.rsplit("_", 1)[-1]),
             "autoencoder": {k: ae_eval[k] for k in ("acc_mean", "acc_sample", "sigma", "collapsed_dims")},
             "midpoints": midpoint_coherence(model.autoencoder, val),
             "calm": {k: lm_eval.get(k) for k in ("tokens", "brier_1", "brier_1_se", "brier_2", "brier_2_se",
@@ -158,17 +234,25 @@ def main() -> None:
         }
         print(a, json.dumps(results[a]), flush=True)
 
-    path = write("latent_study", {"arms": results, "ae_minutes": args.ae_minutes,
-                                  "lm_minutes": args.lm_minutes, "threads_per_arm": args.threads,
-                                  "run_machine": machine()})
+    # Arms measured in earlier runs stay in the file, each with the settings it ran under.
+    previous = RESULTS / "latent_study.json"
+    kept = json.loads(previous.read_text()).get("arms", {}) if previous.is_file() else {}
+    mach = machine()
+    for r in results.values():
+        r["measured"] = mach["date"]
+    prefix = f"{args.label}/" if args.label else ""
+    path = write("latent_study", {"arms": {**kept, **{prefix + a: r for a, r in results.items()}},
+                                  "machine": mach})
     rows = []
     for a, r in results.items():
         c, s = r["calm"], r["samples"]
         cond = " / ".join("–" if v is None else f"{v:.3f}" for v in s["next_right_given_prefix"])
         rows.append([a, f"{r['autoencoder']['sigma']:.3f}", f"{100 * r['autoencoder']['acc_sample']:.2f} %",
                      f"{100 * r['midpoints']['whole_chunk']:.1f} %",
+                     " / ".join(f"{100 * x['differing_slots_to_other']:.0f} %" for x in r["midpoints"]["line"]),
                      *(f"{c[f'brier_{n}']:.4f} ± {c[f'brier_{n}_se']:.4f}" for n in range(1, 5)), cond])
-    print(table(rows, ["arm", "σ", "AE acc. (sampled z)", "midpoints → a whole chunk", "Brier-1", "Brier-2",
+    print(table(rows, ["arm", "σ", "AE acc. (sampled z)", "midpoints → a whole chunk",
+                       "slots → a third token at t = " + " / ".join(f"{t:g}" for t in POINTS), "Brier-1", "Brier-2",
                        "Brier-3", "Brier-4", "P(token n right | first n−1 right)"]))
     print(f"written to {path}")
 
