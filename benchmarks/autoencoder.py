@@ -180,9 +180,9 @@ def main() -> None:
                    help="precision of the demo autoencoder's training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    # Sections not rerun (--skip-quality / --skip-speed) keep their earlier figures.
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         p.error(f"--name {args.name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    # Sections not rerun (--skip-quality / --skip-speed) keep their earlier figures.
     previous = RESULTS / f"{args.name}-{machine_tag()}.json"
     out: dict = {}
     if previous.is_file():

@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, run_cli, table, write  # noqa: E402
 
-from calm.checkpoint import has_checkpoint, list_checkpoints  # noqa: E402
+from calm.checkpoint import has_checkpoint, read_config, read_state, resolve_checkpoint  # noqa: E402
 from calm.data import TokenDataset, eval_batches  # noqa: E402
 from calm.evaluate import calm_sample_ngrams  # noqa: E402
 from calm.loading import load_model  # noqa: E402
@@ -61,13 +61,6 @@ ARMS = {
     "head4": ([], ["--head-num-blocks", "4"]),
     "head4x512": ([], ["--head-num-blocks", "4", "--head-width", "512"]),
 }
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise SystemExit(f"{run_dir}: no checkpoint")
-    return found[-1]
 
 
 def train_arm(out: Path, data: Path, arm: tuple[list[str], list[str]], ae_minutes: float,
@@ -215,8 +208,7 @@ def main() -> None:
         model, _, _ = load_model(calm_dir)
         model.eval()
         if ae_dir is None:  # a CALM trained elsewhere: its autoencoder's run folder, as it recorded
-            cfg = json.loads((last_checkpoint(calm_dir) / "config.json").read_text())
-            ae_dir = Path(cfg["autoencoder"]["path"])
+            ae_dir = Path(read_config(resolve_checkpoint(calm_dir))["autoencoder"]["path"])
         ae_eval = json.loads(run_cli(["eval-ae", "--model", str(ae_dir), "--data", str(args.data),
                                       "--json"], capture=True))
         lm_eval = json.loads(run_cli(["eval", "--model", str(calm_dir), "--data", str(args.data),
@@ -224,7 +216,7 @@ def main() -> None:
         results[a] = {
             **meta,
             "autoencoder_path": str(ae_dir),
-            "calm_steps": int(last_checkpoint(calm_dir).name.rsplit("_", 1)[-1]),
+            "calm_steps": read_state(resolve_checkpoint(calm_dir)).get("step"),
             "autoencoder": {k: ae_eval[k] for k in ("acc_mean", "acc_sample", "sigma", "collapsed_dims")},
             "midpoints": midpoint_coherence(model.autoencoder, val),
             "calm": {k: lm_eval.get(k) for k in ("tokens", "brier_1", "brier_1_se", "brier_2", "brier_2_se",
