@@ -32,6 +32,7 @@ from calm.brier import (
     BrierStats,
     check_positions,
     generic_two_sample_brier,
+    multi_sample_brier,
     rollout_layout,
     sample_categorical,
     token_level_brier,
@@ -153,27 +154,32 @@ def _decode(autoencoder, z: torch.Tensor, K: int, V: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calm_sample_ngrams(
+def calm_samples(
     model,
     tokens: torch.Tensor,
     max_n: int = 4,
     *,
+    num_samples: int = 2,
     generator: torch.Generator | None = None,
     positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two independent sampled n-grams after every chunk boundary, and the true ones.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` independent sampled n-grams after every chunk boundary, and the true ones.
 
     tokens: (B, T), T divisible by K. The n-gram after chunk i (prefix: chunks
     0..i, true) spans m = ⌈max_n/K⌉ chunks. positions: (P,) chunk indices i, by
     default every i with room for m true chunks (0..C−1−m, C = T/K).
-    Returns sample1, sample2, targets, each (B, P, max_n) long.
+    Returns samples (S, B, P, max_n) and targets (B, P, max_n), long.
 
-    The backbone runs once over the true chunk inputs (into a KV cache when m > 1);
-    each extra chunk of a stream is that stream's own previous sample fed back, for
-    all start positions in one call (``rollout_layout`` at chunk level).
+    The backbone runs once over the true chunk inputs (into a KV cache when m > 1)
+    and the head draws all S first chunks at once; each extra chunk of a stream is
+    that stream's own previous sample fed back, for all start positions in one call
+    (``rollout_layout`` at chunk level), so rollouts cost S backbone passes of P slots.
     """
     K = model.config.chunk_size
     B, T = tokens.shape
+    S = num_samples
+    if S < 1:
+        raise CalmError(f"num_samples must be at least 1, got {S}")
     if T % K:
         raise CalmError(f"block size {T} is not divisible by K={K}")
     C, m = T // K, -(-max_n // K)
@@ -192,26 +198,41 @@ def calm_sample_ngrams(
 
     cache = model.make_cache(B, S0 + (m - 1) * P) if m > 1 else None
     h = model.backbone(model.inputs(chunks[:, :-1], latents), cache=cache)  # (B, S0, d)
-    z = model.head.sample_n(h[:, positions], 2, generator=generator)  # (B, P, 2, l)
-    z = z.movedim(-2, 0).reshape(2 * B, P, -1)  # (2B, P, l): stream a rows, then stream b
-    sampled = [_decode(model.autoencoder, z, K, V)]  # per chunk: (2B, P, K)
+    z = model.head.sample_n(h[:, positions], S, generator=generator)  # (B, P, S, l)
+    z = z.movedim(-2, 0).reshape(S * B, P, -1)  # (S·B, P, l): stream 0's rows, then stream 1's, ...
+    sampled = [_decode(model.autoencoder, z, K, V)]  # per chunk: (S·B, P, K)
 
     if m > 1:
         lay = rollout_layout(S0, m - 1, positions)
-        cache = cache.select(torch.arange(B, device=tokens.device).repeat(2))  # (2B rows)
+        cache = cache.select(torch.arange(B, device=tokens.device).repeat(S))  # (S·B rows)
         for j in range(m - 1):
             new = slice(S0 + j * P, S0 + (j + 1) * P)  # slots of this step's sampled chunks
-            x = model.inputs(sampled[-1], model.input_latents(sampled[-1]))  # (2B, P, d)
+            x = model.inputs(sampled[-1], model.input_latents(sampled[-1]))  # (S·B, P, d)
             h = model.backbone(
                 x, positions=lay.position_ids[new], cache=cache,
                 attn_mask=lay.attn_mask[new, : new.stop],
             )
-            z = model.head.sample(h, generator=generator)  # (2B, P, l)
+            z = model.head.sample(h, generator=generator)  # (S·B, P, l)
             sampled.append(_decode(model.autoencoder, z, K, V))
 
-    s = torch.cat(sampled, -1)[..., :max_n]  # (2B, P, max_n)
+    s = torch.cat(sampled, -1)[..., :max_n].view(S, B, P, max_n)
     idx = (positions[:, None] + 1) * K + torch.arange(max_n, device=tokens.device)  # (P, n)
-    return s[:B], s[B:], tokens[:, idx]
+    return s, tokens[:, idx]
+
+
+def calm_sample_ngrams(
+    model,
+    tokens: torch.Tensor,
+    max_n: int = 4,
+    *,
+    generator: torch.Generator | None = None,
+    positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two independent sampled n-grams after every chunk boundary, and the true ones:
+    ``calm_samples`` with two streams. Returns sample1, sample2, targets, each (B, P, max_n)."""
+    s, targets = calm_samples(model, tokens, max_n, num_samples=2, generator=generator,
+                              positions=positions)
+    return s[0], s[1], targets
 
 
 # ---------------------------------------------------------------------------
@@ -226,13 +247,18 @@ def brier_for_model(
     max_n: int = 4,
     generator: torch.Generator | None = None,
     stats: BrierStats | None = None,
+    samples: int = 2,
 ) -> BrierStats:
     """Brier-1..max_n estimates of a model on true blocks tokens (B, T), added into ``stats``.
 
     ``model.kind`` picks the driver: "baseline" (token-level, every token position
-    a start), "calm" (every chunk boundary a start); otherwise ``model.sample_ngrams``.
+    a start; exact probabilities), "calm" (every chunk boundary a start; ``samples``
+    sampled n-grams per start, 2 being the paper's estimator and more the same
+    expectation at a lower variance); otherwise ``model.sample_ngrams`` (two samples).
     Rows are processed in groups that keep the logits within ``LOGITS_BUDGET``.
     """
+    if samples < 2:
+        raise CalmError(f"the Brier estimator needs at least 2 samples per position, got {samples}")
     model = _unwrap(model)
     stats = BrierStats(max_n) if stats is None else stats
     if tokens.dim() == 1:
@@ -248,9 +274,11 @@ def brier_for_model(
             stats.update_all(est)
         return stats
     if kind == "calm":
-        def sample_fn(t, n, generator=None):
-            return calm_sample_ngrams(model, t, n, generator=generator)
-    elif hasattr(model, "sample_ngrams"):
+        draws, targets = calm_samples(model, tokens, max_n, num_samples=samples, generator=generator)
+        for m in range(1, max_n + 1):
+            stats.update(m, multi_sample_brier(draws[..., :m], targets[..., :m]))
+        return stats
+    if hasattr(model, "sample_ngrams"):
         sample_fn = model.sample_ngrams
     else:
         raise CalmError(f"cannot evaluate a model of kind {kind!r}: no BrierLM driver for it")
@@ -341,13 +369,15 @@ def evaluate_model(
     brier_only: bool = False,
     progress: bool = False,
     precision: str | None = None,
+    samples: int = 2,
 ) -> dict:
     """Brier-1..max_n (± standard errors), BrierLM and the model's own loss on a split.
 
     Windows are consecutive blocks of ``block_size`` tokens from the split's start,
     at most ``max_tokens`` tokens (at least one window). Baseline: also the
     cross-entropy (nats per token) and perplexity; CALM: the energy loss on the same
-    windows. ``seed`` fixes every sample drawn. The model is evaluated in eval mode
+    windows. ``samples``: CALM's sampled n-grams per chunk start (``brier_for_model``).
+    ``seed`` fixes every sample drawn. The model is evaluated in eval mode
     and given back in the mode it came in. ``precision``: 'auto', 'fp32' or 'bf16'
     (calm.precision; probabilities and estimators stay fp32); None takes
     ``$CALM_PRECISION``, else 'auto'.
@@ -374,7 +404,7 @@ def evaluate_model(
         with autocast(device, precision):
             for batch in it:
                 x = batch.to(device)
-                brier_for_model(model, x, max_n=max_n, generator=g, stats=stats)
+                brier_for_model(model, x, max_n=max_n, generator=g, stats=stats, samples=samples)
                 if brier_only:
                     continue
                 # The model's own loss is a mean over its predicted positions; weight it back to a sum.
@@ -396,6 +426,7 @@ def evaluate_model(
         "windows": windows,
         "tokens": windows * block_size,
         "seed": seed,
+        **({"samples": samples} if model.kind == "calm" else {}),
         **stats.summary(),
     }
     if not brier_only:

@@ -15,6 +15,7 @@ from calm.brier import (
     BrierStats,
     brier_lm,
     generic_two_sample_brier,
+    multi_sample_brier,
     rollout_layout,
     token_level_brier,
     token_model_brier,
@@ -296,3 +297,33 @@ def test_position_checks():
         fn, torch.zeros(10, dtype=torch.long), 4, positions=torch.tensor([5])
     )
     assert est.shape == (1, 4)
+
+
+def test_multi_sample_brier_is_unbiased_by_enumeration():
+    """E over every S-tuple of draws equals 2 P(y) − Σ P(x)², for S = 2, 3, 4."""
+    import itertools
+
+    outcomes = torch.tensor([[0, 1], [1, 1], [2, 0]])  # three bigrams
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    for y in range(3):
+        exact = 2 * p[y] - p.square().sum()
+        for S in (2, 3, 4):
+            expected = torch.zeros((), dtype=torch.float64)
+            for draw in itertools.product(range(3), repeat=S):
+                est = multi_sample_brier(outcomes[list(draw)][:, None], outcomes[y][None])
+                expected += p[list(draw)].prod() * est.double()[0]
+            assert abs(expected.item() - exact.item()) < 1e-6, (y, S)
+
+
+def test_multi_sample_brier_two_samples_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (2, 50, 3), generator=g)
+    y = torch.randint(0, 3, (50, 3), generator=g)
+    assert torch.equal(multi_sample_brier(x, y), two_sample_brier(x[0], x[1], y))
+    # Every sample right: hits score 2, and every pair agrees (−1): 1, as for two samples.
+    same = y[None].repeat(5, 1, 1)
+    assert torch.equal(multi_sample_brier(same, y), torch.ones(50))
+    with pytest.raises(CalmError):
+        multi_sample_brier(x[:1], y)
+    with pytest.raises(CalmError):
+        multi_sample_brier(x, y[:, :2])

@@ -280,6 +280,28 @@ def test_calm_driver_unbiased(K):
     assert s["count_1"] == s["count_4"] == exact[..., 0].numel()
     for n in range(1, 5):
         assert abs(s[f"brier_{n}"] - exact[..., n - 1].mean().item()) < 3 * s[f"brier_{n}_se"], n
+    # More samples per start: the same expectation, a smaller standard error.
+    many = brier_for_model(model, tokens, generator=g, samples=8).summary()
+    for n in range(1, 5):
+        assert abs(many[f"brier_{n}"] - exact[..., n - 1].mean().item()) < 3 * many[f"brier_{n}_se"], n
+    assert many["brier_1_se"] < s["brier_1_se"]
+    with pytest.raises(CalmError):
+        brier_for_model(model, tokens, samples=1)
+
+
+def test_calm_two_samples_unchanged_by_the_many_sample_path():
+    """samples=2 scores exactly what the two-sample estimator scores on the same draws."""
+    K = 2
+    table = make_table(MC, VC**K, seed=3)
+    ids = sample_chain(table, MC, 20, rows=8, seed=4)
+    tokens = digits(ids, K).flatten(1)
+    model = FakeCALM(K, table)
+    s1, s2, targets = calm_sample_ngrams(model, tokens, 4, generator=torch.Generator().manual_seed(5))
+    draws, t2 = ev.calm_samples(model, tokens, 4, num_samples=2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(draws[0], s1) and torch.equal(draws[1], s2) and torch.equal(t2, targets)
+    a = brier_for_model(model, tokens, generator=torch.Generator().manual_seed(5)).summary()
+    b = ev.generic_two_sample_brier(lambda: (s1, s2), targets).summary()
+    assert a == b
 
 
 def test_generic_sample_ngrams_dispatch():
