@@ -74,6 +74,15 @@ def _plt():
     return plt
 
 
+def _brier_cell(v: float | None, se: float | None) -> str:
+    """A Brier-n figure ± its SE: four decimals, or two significant digits when the figure
+    is below 0.001 and not 0 (an undertrained CALM's Brier-4 is a few in 10⁵)."""
+    if v is None:
+        return "–"
+    spec = ".4f" if v == 0 or abs(v) >= 1e-3 else ".1e"
+    return f"{v:{spec}}" + ("" if se is None else f" ± {se:{spec}}")
+
+
 def _fmt(x, spec=".3f", dash="–"):
     return dash if x is None else format(x, spec)
 
@@ -200,11 +209,16 @@ def write_report(run: str | Path) -> Path:
         cells = [LABEL[kind], _fmt(e.get("brier_lm"), ".2f")]
         for n in range(1, 5):
             v, se = e.get(f"brier_{n}"), e.get(f"brier_{n}_se")
-            cells.append("–" if v is None else f"{v:.4f} ± {se:.4f}" if se is not None else f"{v:.4f}")
+            cells.append(_brier_cell(v, se))
         cells += [_fmt(e.get("perplexity"), ".2f"), _fmt(tps[0] if tps else None, ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Brier-n and BrierLM: higher is better; BrierLM is 0 when any Brier-n ≤ 0 "
-              "(an undertrained model), so each Brier-n is shown beside it.", ""]
+              "(an undertrained model), so each Brier-n is shown beside it."]
+    calm_samples = (evals.get("calm") or {}).get("samples")
+    if calm_samples:
+        lines += [f"CALM's Brier-n are estimated from {calm_samples} sampled chunks per chunk start, "
+                  "the baseline's from its exact probabilities: both are unbiased."]
+    lines += [""]
     runs = [run / k for k in MODELS if (run / k).is_dir()]
     if runs:
         from calm.comparison import markdown_table, run_row
