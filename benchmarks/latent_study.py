@@ -24,12 +24,17 @@ same held-out text:
   B differ, whether a slot decodes to A's token, B's, or a third;
 - CALM: Brier-1…4 ± SE (--eval-tokens), the chance that a sample's slot j is the
   true token, and the chance that its first n tokens are all true, with the
-  conditional P(token n right | first n−1 right) — the chunk's coherence.
+  conditional P(token n right | first n−1 right) — the chunk's coherence;
+- a token-level baseline (--baseline): the same per-slot and pairwise chances
+  for its K tokens sampled one by one from the same chunk boundaries, the
+  control for how much the slots of a chunk agree in the text itself.
 
 Usage: python benchmarks/latent_study.py --data data/shakespeare [--arms base,kl01]
        [--ae-minutes 6] [--lm-minutes 6] [--threads 1] [--out runs/latent_study]
        python benchmarks/latent_study.py --arms base,head4 --autoencoder runs/ae
        --lm-minutes 15 --label head --out runs/head_arms
+       python benchmarks/latent_study.py --arms '' --model qs=runs/quickstart/calm
+       --baseline qs=runs/quickstart/baseline --label quickstart
 Rerunning reuses finished arms in --out. Writes benchmarks/results/latent_study.json,
 keeping the arms of earlier runs that were not rerun (each records its settings).
 """
@@ -43,10 +48,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, run_cli, table, write  # noqa: E402
 
+from calm.brier import rollout_layout, sample_categorical  # noqa: E402
 from calm.checkpoint import has_checkpoint, read_config, read_state, resolve_checkpoint  # noqa: E402
 from calm.data import TokenDataset, eval_batches  # noqa: E402
 from calm.evaluate import calm_sample_ngrams  # noqa: E402
@@ -119,10 +126,41 @@ def midpoint_coherence(ae, val, pairs: int = 4096, seed: int = 0,
 
 
 @torch.no_grad()
-def sample_coherence(model, val, max_batches: int, seed: int = 0) -> dict:
-    """Per-slot and prefix accuracy of CALM's sampled next chunk against the true one."""
+def token_sample_ngrams(model, tokens: torch.Tensor, K: int, generator: torch.Generator):
+    """A token-level model's sampled K tokens after every chunk boundary, and the true ones.
+
+    The same starts as ``calm_sample_ngrams`` (after chunk i, i = 0..C−2, the prefix
+    being chunks 0..i), each rolled out token by token from the model's own samples
+    (one forward per token for all starts, under ``rollout_layout``).
+    Returns samples, targets, each (B, P, K) long.
+    """
+    B, T = tokens.shape
+    starts = torch.arange(K - 1, T - K, K)  # the last token of chunk i
+    P = starts.numel()
+    lay = rollout_layout(T, K - 1, starts)
+    cache = model.make_cache(B, T + (K - 1) * P)
+    logits = model.logits(tokens, cache=cache, read=starts)  # (B, P, V)
+    s = sample_categorical(F.softmax(logits.float(), -1), generator)
+    samples = [s]
+    for j in range(K - 1):
+        new = slice(T + j * P, T + (j + 1) * P)
+        logits = model.logits(s, positions=lay.position_ids[new], cache=cache,
+                              attn_mask=lay.attn_mask[new, : new.stop])
+        s = sample_categorical(F.softmax(logits.float(), -1), generator)
+        samples.append(s)
+    return torch.stack(samples, -1), tokens[:, starts[:, None] + 1 + torch.arange(K)]
+
+
+@torch.no_grad()
+def sample_coherence(model, val, max_batches: int, seed: int = 0, chunk_size: int | None = None) -> dict:
+    """Per-slot and prefix accuracy of a model's sampled next chunk against the true one.
+
+    CALM samples the chunk from its head; a token-level model (``chunk_size`` given)
+    samples its K tokens one by one from the same starts: the control for how much
+    the slots of a sampled chunk agree in text itself.
+    """
     g = torch.Generator().manual_seed(seed)
-    K = model.config.chunk_size
+    K = chunk_size or model.config.chunk_size
     slot = torch.zeros(K)
     prefix = torch.zeros(K)
     both = torch.zeros(K, K)
@@ -130,7 +168,10 @@ def sample_coherence(model, val, max_batches: int, seed: int = 0) -> dict:
     for k, b in enumerate(val):
         if k >= max_batches:
             break
-        s1, _, t = calm_sample_ngrams(model, b, K, generator=g)
+        if chunk_size is None:
+            s1, _, t = calm_sample_ngrams(model, b, K, generator=g)
+        else:
+            s1, t = token_sample_ngrams(model, b, K, g)
         right = (s1 == t).flatten(0, 1).float()  # (positions, K)
         slot += right.sum(0)
         prefix += right.cumprod(-1).sum(0)
@@ -161,14 +202,23 @@ def main() -> None:
     p.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                    help="also measure a CALM trained elsewhere (its run folder), without training; "
                         "repeatable; --arms '' measures only these")
+    p.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH",
+                   help="also sample a token-level baseline (its run folder) K tokens at a time from "
+                        "the same chunk boundaries: the control for the slots' agreement; repeatable")
     p.add_argument("--eval-tokens", type=int, default=65536)
     args = p.parse_args()
-    extra = {}
-    for item in args.model:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not has_checkpoint(path):
-            p.error(f"--model {item!r}: give LABEL=PATH with a trained CALM run folder at PATH")
-        extra[label] = Path(path)
+
+    def labelled(items: list[str], flag: str, what: str) -> dict[str, Path]:
+        found = {}
+        for item in items:
+            label, sep, path = item.partition("=")
+            if not sep or not label or not has_checkpoint(path):
+                p.error(f"{flag} {item!r}: give LABEL=PATH with a trained {what} run folder at PATH")
+            found[label] = Path(path)
+        return found
+
+    extra = labelled(args.model, "--model", "CALM")
+    controls = labelled(args.baseline, "--baseline", "baseline")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -225,16 +275,27 @@ def main() -> None:
             "samples": sample_coherence(model, val, max_batches=24),
         }
         print(a, json.dumps(results[a]), flush=True)
+    K = len(next(iter(results.values()))["samples"]["slot_right"]) if results else 4
+    baselines = {}
+    for label, path in controls.items():
+        model, _, _ = load_model(path)
+        model.eval()
+        baselines[label] = {"model_path": str(path), "steps": read_state(resolve_checkpoint(path)).get("step"),
+                            "samples": sample_coherence(model, val, max_batches=24, chunk_size=K)}
+        print(label, json.dumps(baselines[label]), flush=True)
 
     # Arms measured in earlier runs stay in the file, each with the settings it ran under.
     previous = RESULTS / "latent_study.json"
-    kept = json.loads(previous.read_text()).get("arms", {}) if previous.is_file() else {}
+    old = json.loads(previous.read_text()) if previous.is_file() else {}
     mach = machine()
-    for r in results.values():
+    for r in [*results.values(), *baselines.values()]:
         r["measured"] = mach["date"]
     prefix = f"{args.label}/" if args.label else ""
-    path = write("latent_study", {"arms": {**kept, **{prefix + a: r for a, r in results.items()}},
-                                  "machine": mach})
+    path = write("latent_study", {
+        "arms": {**old.get("arms", {}), **{prefix + a: r for a, r in results.items()}},
+        "baseline_controls": {**old.get("baseline_controls", {}),
+                              **{prefix + a: r for a, r in baselines.items()}},
+        "machine": mach})
     rows = []
     for a, r in results.items():
         c, s = r["calm"], r["samples"]
@@ -246,6 +307,17 @@ def main() -> None:
     print(table(rows, ["arm", "σ", "AE acc. (sampled z)", "midpoints → a whole chunk",
                        "slots → a third token at t = " + " / ".join(f"{t:g}" for t in POINTS), "Brier-1", "Brier-2",
                        "Brier-3", "Brier-4", "P(token n right | first n−1 right)"]))
+    coherence = [(a, "CALM", r["samples"]) for a, r in results.items()]
+    coherence += [(a, "baseline", r["samples"]) for a, r in baselines.items()]
+    if coherence:
+        rows = []
+        for a, kind, smp in coherence:
+            pw = smp["pairwise_right_given_right"]
+            rows.append([a, kind, " / ".join(f"{x:.3f}" for x in smp["slot_right"]),
+                         *(f"{pw[i][j]:.3f}" for i, j in ((0, 1), (1, 2), (0, 2), (0, 3))),
+                         f"{smp['first_n_right'][-1]:.5f}"])
+        print(table(rows, ["model", "kind", "P(slot j right)", "P(2 | 1)", "P(3 | 2)", "P(3 | 1)", "P(4 | 1)",
+                           "all K right"]))
     print(f"written to {path}")
 
 
