@@ -39,8 +39,22 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_model_number() -> int | None:
+    """The CPU's model number (/proc/cpuinfo "model"): machines whose model name reads
+    alike (a hypervisor's generic "Intel Xeon Processor") can still differ in it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model" and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return None
+
+
 def machine_tag() -> str:
-    """A short name of this CPU kind for per-machine result files, e.g. 'intel-xeon-amx'."""
+    """A short name of this CPU kind for per-machine result files, e.g. 'intel-xeon-amx-m167'
+    (the last part is the model number, where /proc/cpuinfo gives one)."""
     import re
 
     cpu = cpu_model().lower()
@@ -49,7 +63,9 @@ def machine_tag() -> str:
     flags = cpu_flags()
     extra = "amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags else \
         "avx2" if "avx2" in flags else ""
-    return "-".join(words + ([extra] if extra and extra not in words else [])) or "unknown"
+    number = cpu_model_number()
+    parts = words + ([extra] if extra and extra not in words else [])
+    return "-".join(parts + ([f"m{number}"] if parts and number is not None else [])) or "unknown"
 
 
 def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096) -> dict:
@@ -104,6 +120,7 @@ def machine() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_flags": cpu_flags(),
+        "cpu_model_number": cpu_model_number(),
         "machine_tag": machine_tag(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
