@@ -1,4 +1,4 @@
-"""Why CALM's Brier-3 and Brier-4 stay at 0: do its sampled chunks decode coherently?
+"""Why CALM's Brier-3 and Brier-4 are so small: do its sampled chunks decode coherently?
 
 CALM predicts a whole chunk of K = 4 tokens as one latent vector. A sample that
 falls between the autoencoder's chunk latents need not decode to any whole
