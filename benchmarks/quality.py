@@ -128,6 +128,9 @@ def main() -> None:
                    help="prepared dataset (made from the demo corpus if missing)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder of the trainings")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens of the final scores")
+    p.add_argument("--calm-samples", type=int, default=16,
+                   help="sampled chunks per start in CALM's final Brier-n (calm eval --samples; the "
+                        "validation curves use the paper's 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="redo every training")
     p.add_argument("--lm-minutes", type=float, default=None,
@@ -150,6 +153,8 @@ def main() -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value:g}")
+    if args.calm_samples < 2:
+        p.error(f"--calm-samples must be at least 2, got {args.calm_samples}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.fresh and args.out.exists():
@@ -205,8 +210,9 @@ def main() -> None:
                      "--max-minutes", f"{minutes:.3f}", "--eval-every", str(every), "--eval-brier",
                      "--eval-brier-tokens", "4096", "--overwrite"])
             (folder / "DONE").write_text("{}\n")
+        samples = ["--samples", str(args.calm_samples)] if kind == "calm" else []
         ev = json.loads(run_cli(["eval", "--model", str(folder), "--data", str(args.data),
-                                 "--max-tokens", str(args.eval_tokens), "--json",
+                                 "--max-tokens", str(args.eval_tokens), "--json", *samples,
                                  "--threads", str(args.threads)], capture=True))
         model, _, _ = load_model(folder)
         model.eval()
