@@ -163,10 +163,7 @@ def two_sample_brier(
             f"samples and target must have one shape, got {tuple(sample1.shape)}, "
             f"{tuple(sample2.shape)} and {tuple(target.shape)}"
         )
-    hit1 = (sample1 == target).all(-1)  # (...)
-    hit2 = (sample2 == target).all(-1)
-    same = (sample1 == sample2).all(-1)
-    return hit1.float() + hit2.float() - same.float()
+    return multi_sample_brier(torch.stack([sample1, sample2]), target)
 
 
 def multi_sample_brier(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -175,9 +172,9 @@ def multi_sample_brier(samples: torch.Tensor, target: torch.Tensor) -> torch.Ten
     (2/S) Σ_i 1{x_i = y} − (2 / (S (S−1))) Σ_{i<j} 1{x_i = x_j}.
 
     samples: (S, ..., n), target: (..., n) integer n-grams, compared as whole units.
-    Returns (...) float32. Its expectation is 2 P(y) − Σ_x P(x)², as for two samples
-    (S = 2 gives ``two_sample_brier`` exactly); its variance falls about as 1/S, for
-    the price of drawing S samples.
+    Returns (...) float32. Its expectation is 2 P(y) − Σ_x P(x)² for every S (S = 2 is
+    ``two_sample_brier``); its variance falls about as 1/S, for the price of drawing S
+    samples.
     """
     if samples.dim() < 2 or samples.shape[1:] != target.shape:
         raise CalmError(
