@@ -22,7 +22,7 @@ same held-out text:
   between chunks: for pairs of held-out chunks A ≠ B, points on the line from
   μ_A to μ_B, the share that decode to exactly A or exactly B, and where A and
   B differ, whether a slot decodes to A's token, B's, or a third;
-- CALM: Brier-1…4 ± SE (--eval-tokens, 16 sampled chunks per start), the chance that a sample's slot j is the
+- CALM: Brier-1…4 ± SE (--eval-tokens, REPORT_SAMPLES sampled chunks per start), the chance that a sample's slot j is the
   true token, and the chance that its first n tokens are all true, with the
   conditional P(token n right | first n−1 right) — the chunk's coherence;
 - a token-level baseline (--baseline): the same per-slot and pairwise chances
@@ -56,7 +56,7 @@ from common import RESULTS, machine, run_cli, table, write  # noqa: E402
 from calm.brier import rollout_layout, sample_categorical  # noqa: E402
 from calm.checkpoint import has_checkpoint, read_config, read_state, resolve_checkpoint  # noqa: E402
 from calm.data import TokenDataset, eval_batches  # noqa: E402
-from calm.evaluate import calm_sample_ngrams  # noqa: E402
+from calm.evaluate import REPORT_SAMPLES, calm_sample_ngrams  # noqa: E402
 from calm.loading import load_model  # noqa: E402
 
 POINTS = (0.1, 0.25, 0.4, 0.5)  # where on the line from μ_A to μ_B the decoding is read
@@ -262,7 +262,7 @@ def main() -> None:
         ae_eval = json.loads(run_cli(["eval-ae", "--model", str(ae_dir), "--data", str(args.data),
                                       "--json"], capture=True))
         lm_eval = json.loads(run_cli(["eval", "--model", str(calm_dir), "--data", str(args.data),
-                                      "--max-tokens", str(args.eval_tokens), "--samples", "16", "--json"],
+                                      "--max-tokens", str(args.eval_tokens), "--samples", str(REPORT_SAMPLES), "--json"],
                                      capture=True))
         results[a] = {
             **meta,

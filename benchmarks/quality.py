@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, run_cli, table, timed, write  # noqa: E402
 
 from calm.data import TokenDataset  # noqa: E402
+from calm.evaluate import REPORT_SAMPLES  # noqa: E402
 from calm.flops import inference_flops_per_token  # noqa: E402
 from calm.generate import generate  # noqa: E402
 from calm.loading import load_model  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
                    help="prepared dataset (made from the demo corpus if missing)")
     p.add_argument("--out", type=Path, default=Path("runs/quality"), help="folder of the trainings")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens of the final scores")
-    p.add_argument("--calm-samples", type=int, default=16,
+    p.add_argument("--calm-samples", type=int, default=REPORT_SAMPLES,
                    help="sampled chunks per start in CALM's final Brier-n (calm eval --samples; the "
                         "validation curves use the paper's 2)")
     p.add_argument("--threads", type=int, default=2)

@@ -22,7 +22,6 @@ from calm.errors import CalmError
 # Share of the training budget per stage; evaluation and sampling take the rest.
 SPLIT = {"ae": 0.32, "calm": 0.38, "baseline": 0.30}
 TRAIN_SHARE = 0.8  # of --minutes; the remainder goes to data, evaluation, samples
-CALM_EVAL_SAMPLES = 16  # sampled chunks per start in CALM's Brier-n (`calm eval --samples`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,7 +124,7 @@ def run(args) -> int:
 
     _stage("5/6 evaluation")
     try:
-        import calm.evaluate  # noqa: F401
+        from calm.evaluate import REPORT_SAMPLES
 
         have_eval = True
     except ImportError:
@@ -133,9 +132,8 @@ def run(args) -> int:
         print("BrierLM evaluation is not available in this version; skipped")
     for kind in ("calm", "baseline"):
         if have_eval:
-            # The baseline's Brier-n use exact probabilities; CALM's use samples, and with two per
-            # chunk start an undertrained CALM's Brier-4 (a few in 10⁵) is lost in the noise.
-            samples = ["--samples", str(CALM_EVAL_SAMPLES)] if kind == "calm" else []
+            # The baseline's Brier-n use exact probabilities; CALM's use samples.
+            samples = ["--samples", str(REPORT_SAMPLES)] if kind == "calm" else []
             res = json.loads(_capture(["eval", "--model", str(out / kind), "--data", str(data),
                                        "--max-tokens", "16384", "--json", *samples,
                                        *common[:2], *common[4:]]))
