@@ -125,7 +125,8 @@ def test_resume_needs_the_optimizer_state(capsys, reference, copy_run, dataset_d
 def test_sigint_saves_then_resume_continues(capsys, monkeypatch, reference, tmp_path, dataset_dir,
                                             ae_run):
     """SIGINT in the middle of step 3: the step finishes, step_000003 is saved, the
-    command exits 0; resuming gives the uninterrupted run's losses."""
+    command exits 130 (the shell's code for SIGINT, so a script does not go on as if the
+    run had finished); resuming gives the uninterrupted run's losses."""
     from calm.model import CALM
 
     forward, calls = CALM.forward, [0]
@@ -141,7 +142,7 @@ def test_sigint_saves_then_resume_continues(capsys, monkeypatch, reference, tmp_
     # Python's own handler, or SIG_IGN when the suite runs in a background job
     before = signal.getsignal(signal.SIGINT)
     rc, _, err = run_cli(capsys, calm_argv(dataset_dir, ae_run, run, 6, "--save-every", "2"))
-    assert rc == 0, err
+    assert rc == 130, err
     assert "SIGINT: finishing the current step" in err and "stopped by SIGINT at step 3" in err
     assert [p.name for p in list_checkpoints(run)] == ["step_000002", "step_000003"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
@@ -334,9 +335,29 @@ def test_sigterm_saves_a_clean_final_checkpoint(tmp_path, dataset_dir, ae_run):
     _wait_for_step(proc, run / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 143, err
     assert "SIGTERM: finishing the current step" in err and "stopped by SIGTERM" in err
     ckpt = list_checkpoints(run)[-1]
     validate_checkpoint(ckpt)
     last_logged = max(records(run))
     assert read_state(ckpt)["step"] == last_logged >= 3
+
+
+def test_quickstart_stops_on_a_stopped_stage(capsys, monkeypatch, tmp_path, dataset_dir):
+    """A stage stopped by a signal stops the quickstart with the signal's exit code and is
+    not marked finished, so a rerun redoes it instead of building on a half-trained model."""
+    import calm.cli.train_ae as train_ae
+    from calm.train import TrainResult
+
+    def stopped(job, settings):
+        return TrainResult(step=3, last_metrics={}, last_eval={}, checkpoint=None,
+                           tokens_per_second=1.0, stopped_by="SIGINT")
+
+    monkeypatch.setattr(train_ae, "train_autoencoder", stopped)
+    out = tmp_path / "qs"
+    rc, _, err = run_cli(capsys, ["quickstart", "--data", str(dataset_dir), "--out", str(out),
+                                  "--minutes", "1"])
+    assert rc == 130, err
+    assert "stopped by SIGINT in stage `calm train-ae`" in err
+    assert not (out / "autoencoder" / "DONE").exists()
+    assert not (out / "calm").exists()

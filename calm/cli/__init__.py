@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from calm.errors import CalmError
+from calm.errors import CalmError, Stopped
 
 # command name -> (module, one-line help). Order is the order of `calm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except Stopped as e:
+        if str(e):
+            print(f"calm {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except CalmError as e:
         print(f"calm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from calm.errors import CalmError
+from calm.errors import CalmError, Stopped
 
 # Share of the training budget per stage; evaluation and sampling take the rest.
 SPLIT = {"ae": 0.32, "calm": 0.38, "baseline": 0.30}
@@ -53,6 +53,11 @@ def _call(argv: list[str]) -> None:
     from calm.cli import main
 
     rc = main(argv)
+    stopped = {code: name for name, code in Stopped.CODES.items()}
+    if rc in stopped:
+        # Not marked finished: a rerun redoes this stage and keeps the ones before it.
+        raise Stopped(f"stopped by {stopped[rc]} in stage `calm {argv[0]}`; rerun the same "
+                      "command to redo it (the finished stages are kept)", stopped[rc])
     if rc != 0:
         raise CalmError(f"stage `calm {' '.join(argv[:1])}` failed (exit {rc})")
 

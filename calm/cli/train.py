@@ -26,6 +26,7 @@ from calm.cli.common import (
     train_config,
 )
 from calm.config import HeadConfig, TransformerConfig
+from calm.errors import stop_if_stopped
 from calm.recipes import recipe
 from calm.runs import LanguageModelJob, train_language_model
 
@@ -87,5 +88,4 @@ def job_of(args, kind: str) -> LanguageModelJob:
 
 
 def run(args) -> int:
-    train_language_model(job_of(args, "calm"), run_settings(args))
-    return 0
+    return stop_if_stopped(train_language_model(job_of(args, "calm"), run_settings(args)))

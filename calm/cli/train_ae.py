@@ -23,6 +23,7 @@ from calm.cli.common import (
     train_config,
 )
 from calm.config import AutoencoderConfig
+from calm.errors import stop_if_stopped
 from calm.recipes import recipe
 from calm.runs import AutoencoderJob, train_autoencoder
 
@@ -44,5 +45,4 @@ def run(args) -> int:
         model=overrides(args, AutoencoderConfig, skip=("vocab_size",)),
         train=train_config(args, recipe("autoencoder", args.preset).train),
     )
-    train_autoencoder(job, run_settings(args))
-    return 0
+    return stop_if_stopped(train_autoencoder(job, run_settings(args)))

@@ -10,6 +10,7 @@ import argparse
 
 from calm.cli.common import run_settings
 from calm.cli.train import add_model_arguments, job_of
+from calm.errors import stop_if_stopped
 from calm.runs import train_language_model
 
 
@@ -18,5 +19,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    train_language_model(job_of(args, "baseline"), run_settings(args))
-    return 0
+    return stop_if_stopped(train_language_model(job_of(args, "baseline"), run_settings(args)))
