@@ -191,12 +191,16 @@ def wrap(model: nn.Module, mode: str, device: torch.device | str) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, output_device=device.index if ids else None)
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+        # A mesh of the run's own device type: fully_shard's default mesh takes the
+        # accelerator whenever one is visible, also for a --device cpu (gloo) run.
+        mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
         frozen = {p for p in model.parameters() if not p.requires_grad}
         for block in _blocks(model):
-            fully_shard(block, ignored_params=frozen & set(block.parameters()) or None)
-        fully_shard(model, ignored_params=frozen or None)
+            fully_shard(block, mesh=mesh, ignored_params=frozen & set(block.parameters()) or None)
+        fully_shard(model, mesh=mesh, ignored_params=frozen or None)
         # Methods other than forward that read the root's weights (the autoencoder's
         # health figures call encode / decode directly) must gather them too.
         for name in ("encode", "decode"):

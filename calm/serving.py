@@ -138,10 +138,11 @@ class QueueFull(Exception):
 
 
 class _Row:
-    def __init__(self, job: Job, index: int):
+    def __init__(self, job: Job, index: int, device: torch.device):
         self.job = job
         self.index = index
-        self.generator = torch.Generator().manual_seed(row_seed(job.seed, index))
+        # on the model's device: CUDA sampling takes a CUDA generator only
+        self.generator = torch.Generator(device=device).manual_seed(row_seed(job.seed, index))
         self.tokens: list[int] = []
         self.sent = 0  # characters of text already emitted
 
@@ -296,7 +297,7 @@ class Engine:
         from calm.precision import autocast
 
         device = next(self.model.parameters()).device
-        rows = [_Row(job, i) for job in jobs for i in range(job.rows)]
+        rows = [_Row(job, i, device) for job in jobs for i in range(job.rows)]
         prompts = [job.prompts[i] for job in jobs for i in range(job.rows)]
         budget = max(job.max_tokens for job in jobs)
         self.batches += 1

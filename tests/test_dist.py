@@ -72,7 +72,7 @@ def calm_args(kind: str, dataset_dir: Path, ae_run: Path, out: Path, steps: int 
     common = ["--data", str(dataset_dir), "--out", str(out), "--preset", "tiny",
               "--block-size", BLOCK, "--batch-size", "2", "--steps", str(steps),
               "--eval-batches", "2", "--eval-every", "2", "--log-every", "1",
-              "--lr", "3e-3", "--warmup-steps", "0", "--no-progress"]
+              "--lr", "3e-3", "--warmup-steps", "0", "--no-progress", "--device", "cpu"]
     if kind == "calm":
         return ["train", "--autoencoder", str(ae_run), "--head-num-targets", "8", *common]
     return ["train-baseline", *common]
