@@ -52,11 +52,24 @@ def cpu_model_number() -> int | None:
     return None
 
 
-def machine_tag() -> str:
+def gpu_name(device=None) -> str | None:
+    """The CUDA device's name ('NVIDIA H200'), or None off CUDA."""
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+def machine_tag(device=None) -> str:
     """A short name of this CPU kind for per-machine result files, e.g. 'intel-xeon-amx-m167'
-    (the last part is the model number, where /proc/cpuinfo gives one)."""
+    (the last part is the model number, where /proc/cpuinfo gives one); for figures
+    measured on a CUDA device, the GPU's name, e.g. 'cuda-nvidia-h200'."""
     import re
 
+    gpu = gpu_name(device)
+    if gpu:
+        return "-".join(["cuda", *re.findall(r"[a-z0-9]+", gpu.lower())])
     cpu = cpu_model().lower()
     cpu = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*$|\d+-core", " ", cpu)
     words = re.findall(r"[a-z0-9]+", cpu)[:3]
@@ -68,46 +81,62 @@ def machine_tag() -> str:
     return "-".join(parts + ([f"m{number}"] if parts and number is not None else [])) or "unknown"
 
 
-def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096) -> dict:
+def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096, device="cpu") -> dict:
     """This machine's own limits, measured now: fp32 and bf16 matmul GFLOP/s (size²)
     and fp32 matrix-vector read bandwidth (GB/s, a gemv² weight), at each thread count.
 
     Every speed figure of the benchmarks is reported as a share of the limit that
-    applies to it, so no peak is assumed from another machine.
+    applies to it, so no peak is assumed from another machine. On a CUDA ``device``
+    the limits are the GPU's, measured once (key "gpu", see ``limits_key``), at sizes
+    that fill it (8192² products, a 1 GiB matrix-vector read, larger than its caches).
     """
     import torch
     import torch.nn.functional as F
 
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        threads, size, gemv = ("gpu",), max(size, 8192), max(gemv, 16384)
     before = torch.get_num_threads()
     out = {}
     try:
         for t in threads:
-            torch.set_num_threads(t)
+            if not cuda:
+                torch.set_num_threads(t)
             row = {}
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-                s = timed(lambda a=a, b=b: a @ b, warmup=2, repeat=5)["min"]
+                a = torch.randn(size, size, device=device).to(dtype)
+                b = torch.randn(size, size, device=device).to(dtype)
+                s = timed(lambda a=a, b=b: a @ b, warmup=2, repeat=5, device=device)["min"]
                 row[f"matmul_{name}_gflops"] = 2 * size**3 / s / 1e9
-            w = torch.randn(gemv, gemv)
-            wt, x = w.t().contiguous(), torch.randn(1, gemv)
-            s = min(timed(lambda x=x, w=w: F.linear(x, w), warmup=5, repeat=20)["min"],
-                    timed(lambda x=x, wt=wt: x @ wt, warmup=5, repeat=20)["min"])
+            w = torch.randn(gemv, gemv, device=device)
+            wt, x = w.t().contiguous(), torch.randn(1, gemv, device=device)
+            s = min(timed(lambda x=x, w=w: F.linear(x, w), warmup=5, repeat=20, device=device)["min"],
+                    timed(lambda x=x, wt=wt: x @ wt, warmup=5, repeat=20, device=device)["min"])
             row["gemv_fp32_gbs"] = w.numel() * 4 / s / 1e9
             out[str(t)] = row
+            del a, b, w, wt
     finally:
         torch.set_num_threads(before)
     return out
 
 
+def limits_key(threads: int, device="cpu") -> str:
+    """The key of ``machine_limits``' row that applies: the thread count, or "gpu"."""
+    import torch
+
+    return "gpu" if torch.device(device).type == "cuda" else str(threads)
+
+
 def format_limits(limits: dict) -> str:
     return "; ".join(
-        f"{t} thread{'s' if t != '1' else ''}: fp32 {r['matmul_fp32_gflops']:.0f}, "
+        f"{'GPU' if t == 'gpu' else t + ' thread' + ('s' if t != '1' else '')}: fp32 {r['matmul_fp32_gflops']:.0f}, "
         f"bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s, gemv {r['gemv_fp32_gbs']:.1f} GB/s"
         for t, r in limits.items()
     )
 
 
-def machine() -> dict:
+def machine(device=None) -> dict:
     import numpy
     import torch
 
@@ -121,7 +150,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cpu_flags": cpu_flags(),
         "cpu_model_number": cpu_model_number(),
-        "machine_tag": machine_tag(),
+        "machine_tag": machine_tag(device),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "load_average_1min": load,
@@ -129,27 +158,38 @@ def machine() -> dict:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "cuda": torch.cuda.is_available(),
+        **({"gpu": gpu_name(device), "cuda_version": torch.version.cuda} if gpu_name(device) else {}),
     }
 
 
-def timed(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
-    """Median, min and max seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+def timed(fn, *, warmup: int = 1, repeat: int = 5, device=None) -> dict:
+    """Median, min and max seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs.
+
+    On a CUDA ``device`` each run waits for the GPU's queued work before the clock stops.
+    """
+    import torch
+
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" \
+        else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeat}
 
 
-def write(name: str, payload: dict, per_machine: bool = False) -> Path:
+def write(name: str, payload: dict, per_machine: bool = False, device=None) -> Path:
     """results/NAME.json, or results/NAME-<machine tag>.json for figures that depend
-    on the CPU (kept side by side, one file per kind of machine)."""
+    on the CPU, or on the GPU for a CUDA ``device`` (kept side by side, one file per
+    kind of machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / (f"{name}-{machine_tag()}.json" if per_machine else f"{name}.json")
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    path = RESULTS / (f"{name}-{machine_tag(device)}.json" if per_machine else f"{name}.json")
+    path.write_text(json.dumps({"machine": machine(device), **payload}, indent=2) + "\n")
     return path
 
 

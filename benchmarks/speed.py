@@ -15,11 +15,17 @@ not depend on them (generation never stops early: no end-of-text).
 each at every precision asked for (default: fp32, and bf16 where `auto` picks it).
 
 "Authors'" figures are the authors' implementation measured on a machine of the same
-CPU kind (AMD EPYC or Intel Xeon, see AUTHORS); none are shown for another CPU.
+CPU kind (AMD EPYC or Intel Xeon, see AUTHORS); none are shown for another CPU, nor
+on a GPU.
 
-Usage: python benchmarks/speed.py [--threads 2] [--decode-threads 2] [--precision fp32,bf16]
-       [--repeat 3] [--only gen,train,eval]
-Writes benchmarks/results/speed-<machine>.json (one file per kind of CPU).
+With ``--device cuda`` every figure is measured on the GPU (bf16 autocast, fused
+AdamW, PyTorch's SDPA), against the GPU's own limits measured at the start; the
+same shapes as on a CPU, so the figures say how far a small model's steps are
+from what the GPU can do, and ``--gen-batches`` adds larger decoding batches.
+
+Usage: python benchmarks/speed.py [--device cpu|cuda] [--threads 2] [--decode-threads 2]
+       [--precision fp32,bf16] [--repeat 3] [--only gen,train,eval] [--gen-batches 1,8]
+Writes benchmarks/results/speed-<machine>.json (one file per kind of CPU, or of GPU).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     cpu_model,
     format_limits,
+    gpu_name,
+    limits_key,
     machine_limits,
     table,
     timed,
@@ -43,10 +51,12 @@ from common import (  # noqa: E402
 from calm.autoencoder import Autoencoder  # noqa: E402
 from calm.baseline import TokenLM  # noqa: E402
 from calm.config import CALMConfig, HeadConfig, TrainConfig, preset  # noqa: E402
+from calm.errors import CalmError  # noqa: E402
 from calm.flops import training_flops_per_token  # noqa: E402
 from calm.generate import generate  # noqa: E402
 from calm.model import CALM  # noqa: E402
 from calm.precision import autocast, resolve_precision  # noqa: E402
+from calm.runtime import pick_device  # noqa: E402
 from calm.train import make_optimizer  # noqa: E402
 
 AUTHORS = {  # the authors' implementation at these sizes, by CPU kind (tokens/s; medians)
@@ -70,6 +80,7 @@ AUTHORS = {  # the authors' implementation at these sizes, by CPU kind (tokens/s
 # of the limit that bounds the figure (bandwidth for decoding bound by reading weights,
 # fp32 matmul otherwise: the authors' code computes in fp32 on a CPU).
 SCALE_TOLERANCE = 0.10
+CPU = torch.device("cpu")
 
 
 def authors_figures() -> dict:
@@ -80,14 +91,14 @@ def authors_figures() -> dict:
     return {}
 
 
-def build(max_seq_len: int = 1024):
+def build(max_seq_len: int = 1024, device=CPU):
     torch.manual_seed(0)
     backbone = preset("transformer", "bench", max_seq_len=max_seq_len)
     ae = Autoencoder(preset("autoencoder", "reference")).eval()
     calm = CALM(CALMConfig(backbone=backbone, head=HeadConfig(num_blocks=2, num_samples=8),
                            chunk_size=4, latent_size=128), ae).eval()
     base = TokenLM(backbone).eval()
-    return calm, base
+    return calm.to(device), base.to(device)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -97,16 +108,17 @@ def weight_bytes(module: torch.nn.Module) -> int:
 def per_token_costs(calm: CALM, base: TokenLM, precision: str = "fp32", batch: int = 1) -> dict:
     """Bytes of weights read per generated token of one row, and multiply-adds per token.
 
-    In bf16 decoding (calm.layers.decoding_layout) one-row products read fp32 weights
-    and few-row products bf16 copies (half the bytes): at batch 1 only CALM's
+    In bf16 decoding on a CPU (calm.layers.decoding_layout) one-row products read fp32
+    weights and few-row products bf16 copies (half the bytes): at batch 1 only CALM's
     autoencoder layers after the expand and its vocabulary projection (they run on the
-    K token positions), at batch 8 every product.
+    K token positions), at batch 8 every product. On a GPU bf16 autocast casts each
+    weight once per generation and every product reads the bf16 copy.
     """
     K = calm.config.chunk_size
     ae = calm.autoencoder
     half = 0.5 if precision == "bf16" else 1.0  # bytes of a bf16 copy per fp32 byte
     few_rows = half
-    if batch > 1:
+    if batch > 1 or (precision == "bf16" and next(calm.parameters()).is_cuda):
         return {k: (v * half if "bytes" in k else v)
                 for k, v in per_token_costs(calm, base, "fp32", 1).items()}
     dec = [ae.from_latent, *ae.dec_pre, ae.expand, ae.dec_norm]
@@ -131,56 +143,58 @@ def per_token_costs(calm: CALM, base: TokenLM, precision: str = "fp32", batch: i
     }
 
 
-def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int, precision: str) -> dict:
+def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int, precision: str,
+                     device=CPU) -> dict:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, 32000, (batch, 32), generator=g).tolist()
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
         def run(model=model):
             generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,
-                     generator=torch.Generator().manual_seed(1), precision=precision)
-        t = timed(run, warmup=1, repeat=repeat)
+                     generator=torch.Generator(device=device).manual_seed(1), precision=precision)
+        t = timed(run, warmup=1, repeat=repeat, device=device)
         n = batch * new_tokens
         out[name] = {"seconds": t, "tokens_per_s": n / t["median"],
                      "tokens_per_s_min_max": [n / t["max"], n / t["min"]]}
     return out
 
 
-def bench_training(calm, base, repeat: int, precision: str) -> dict:
-    x = torch.randint(0, 32000, (8, 512))
+def bench_training(calm, base, repeat: int, precision: str, device=CPU) -> dict:
+    x = torch.randint(0, 32000, (8, 512)).to(device)
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
         model.train()
-        opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+        opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
         params = [p for p in model.parameters() if p.requires_grad]
 
         def step(model=model, opt=opt, params=params):
-            with autocast("cpu", precision):
+            with autocast(device, precision):
                 loss, _ = model(x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t = timed(step, warmup=1, repeat=repeat)
+        t = timed(step, warmup=1, repeat=repeat, device=device)
         out[name] = {"seconds": t, "tokens_per_s": x.numel() / t["median"],
                      "tokens_per_s_min_max": [x.numel() / t["max"], x.numel() / t["min"]],
                      "flops_per_token": training_flops_per_token(model, x.shape[1])}
+        del opt
         model.eval()
     return out
 
 
-def bench_eval(calm, base, repeat: int, precision: str) -> dict:
+def bench_eval(calm, base, repeat: int, precision: str, device=CPU) -> dict:
     """BrierLM (Brier-1..4) of one 1024-token sequence, random weights."""
     from calm.evaluate import brier_for_model
 
-    x = torch.randint(1, 32000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(1, 32000, (1, 1024), generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for name, model in (("calm", calm), ("baseline", base)):
         def run(model=model):
-            with torch.no_grad(), autocast("cpu", precision):
-                brier_for_model(model, x, generator=torch.Generator().manual_seed(0))
-        t = timed(run, warmup=1, repeat=repeat)
+            with torch.no_grad(), autocast(device, precision):
+                brier_for_model(model, x, generator=torch.Generator(device=device).manual_seed(0))
+        t = timed(run, warmup=1, repeat=repeat, device=device)
         out[name] = {"seconds": t}
     return out
 
@@ -206,22 +220,36 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--only", default="gen,train,eval", help="comma list of: gen, train, eval")
+    p.add_argument("--gen-batches", default="1,8",
+                   help="comma list of generation batch sizes (batch 1 decodes on --decode-threads)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args()
     only = set(args.only.split(","))
+    try:
+        gen_batches = sorted({int(b) for b in args.gen_batches.split(",")})
+    except ValueError:
+        gen_batches = []
+    if not gen_batches or gen_batches[0] < 1:
+        p.error(f"--gen-batches: expected positive integers like 1,8, got {args.gen_batches!r}")
+    try:
+        device = pick_device(args.device)
+        precisions = ([resolve_precision(x.strip(), device) for x in args.precision.split(",")]
+                      if args.precision else
+                      ["fp32"] + (["bf16"] if resolve_precision("auto", device) == "bf16" else []))
+    except CalmError as e:  # an unknown or missing device or precision
+        p.error(str(e))
     decode_threads = args.decode_threads or args.threads
     torch.set_num_threads(args.threads)
-    if args.precision:
-        precisions = [resolve_precision(x.strip(), "cpu") for x in args.precision.split(",")]
-    else:
-        precisions = ["fp32"] + (["bf16"] if resolve_precision("auto", "cpu") == "bf16" else [])
-    limits = machine_limits(sorted({1, args.threads, decode_threads}))
-    print(f"{cpu_model()}: {format_limits(limits)}", flush=True)
-    ref = authors_figures()
-    calm, base = build()
+    limits = machine_limits(sorted({1, args.threads, decode_threads}), device=device)
+    gpu = gpu_name(device)
+    print(f"{gpu or cpu_model()}: {format_limits(limits)}", flush=True)
+    ref = {} if gpu else authors_figures()
+    calm, base = build(device=device)
     result: dict = {"setting": {"backbone": "hidden 512, ffn 1376, 8 layers, 8 heads, vocab 32000",
                                 "K": 4, "head_blocks": 2, "N": 8, "prompt": 32,
                                 "new_tokens": args.new_tokens, "threads": args.threads,
-                                "decode_threads_batch1": decode_threads},
+                                "decode_threads_batch1": decode_threads,
+                                "device": str(device), "generation_batches": gen_batches},
                     "limits": limits, "authors": ref, "precisions": {}}
     rows = []
     comparisons: dict = {}
@@ -235,27 +263,31 @@ def main() -> None:
         ratio = value / r
         comparisons[f"{prec}/{key}/{name}"] = entry = {"ratio": ratio}
         theirs = ref.get("limits", {}).get(limit)
-        ours = limits[str(threads)].get(limit)
+        ours = limits[limits_key(threads, device)].get(limit)
         if theirs and ours and abs(ours / theirs - 1) > SCALE_TOLERANCE:
             entry.update(limit=limit, machine_over_authors_machine=ours / theirs,
                          scaled_ratio=ratio * theirs / ours)
             return f"{ratio:.2f}× ({ratio * theirs / ours:.2f}× scaled by {limit})"
         return f"{ratio:.2f}×"
 
+    where = lambda threads: "GPU" if gpu else f"{threads} thr"  # noqa: E731
     for prec in precisions:
-        res: dict = {"costs": {f"batch{b}": per_token_costs(calm, base, prec, b) for b in (1, 8)}}
+        res: dict = {"costs": {f"batch{b}": per_token_costs(calm, base, prec, b)
+                               for b in sorted({1, 8, *gen_batches})}}
         if "gen" in only:
-            for batch, threads in ((1, decode_threads), (8, args.threads)):
+            for batch in gen_batches:
+                threads = decode_threads if batch == 1 else args.threads
                 torch.set_num_threads(threads)
-                costs = res["costs"]["batch1" if batch == 1 else "batch8"]
-                g = bench_generation(calm, base, batch, args.new_tokens, args.repeat, prec)
+                costs = res["costs"][f"batch{batch}"]
+                g = bench_generation(calm, base, batch, args.new_tokens, args.repeat, prec, device)
                 for name, key in (("calm", "calm"), ("baseline", "base")):
                     tps = g[name]["tokens_per_s"]
-                    lim = generation_limit(costs, key, batch, limits[str(threads)], prec)
+                    lim = generation_limit(costs, key, batch, limits[limits_key(threads, device)],
+                                           prec)
                     g[name]["limit"] = lim
                     g[name]["share_of_limit"] = tps / lim["tokens_per_s"]
                     lo, hi = g[name]["tokens_per_s_min_max"]
-                    rows.append([f"generate, batch {batch}, {threads} thr", prec, name,
+                    rows.append([f"generate, batch {batch}, {where(threads)}", prec, name,
                                  f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
                                  f"{tps / lim['tokens_per_s']:.0%} of {lim['bound']} limit "
                                  f"{lim['tokens_per_s']:.0f}",
@@ -268,26 +300,26 @@ def main() -> None:
                 res[f"generation_batch{batch}"] = g
         if "train" in only:
             torch.set_num_threads(args.threads)
-            t = bench_training(calm, base, args.repeat, prec)
-            peak = limits[str(args.threads)][f"matmul_{prec}_gflops"] * 1e9
+            t = bench_training(calm, base, args.repeat, prec, device)
+            peak = limits[limits_key(args.threads, device)][f"matmul_{prec}_gflops"] * 1e9
             for name in ("calm", "baseline"):
                 tps = t[name]["tokens_per_s"]
                 lo, hi = t[name]["tokens_per_s_min_max"]
                 bound = peak / t[name]["flops_per_token"]
                 t[name]["limit_tokens_per_s"] = bound
                 t[name]["share_of_limit"] = tps / bound
-                rows.append([f"train, 8×512, {args.threads} thr", prec, name,
+                rows.append([f"train, 8×512, {where(args.threads)}", prec, name,
                              f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
                              f"{tps / bound:.0%} of compute limit {bound:.0f}",
                              vs_authors(tps, "train", name, "matmul_fp32_gflops", args.threads)])
             res["training"] = t
         if "eval" in only:
             torch.set_num_threads(args.threads)
-            e = bench_eval(calm, base, args.repeat, prec)
+            e = bench_eval(calm, base, args.repeat, prec, device)
             for name in ("calm", "baseline"):
                 t = e[name]["seconds"]
                 r = ref.get("eval_seconds", {}).get(name)
-                rows.append([f"BrierLM of 1024 tokens, {args.threads} thr", prec, name,
+                rows.append([f"BrierLM of 1024 tokens, {where(args.threads)}", prec, name,
                              f"{t['median']:.2f} s ({t['min']:.2f}–{t['max']:.2f})", "",
                              f"{r / t['median']:.2f}× faster" if r else "–"])
             res["evaluation"] = e
@@ -296,7 +328,7 @@ def main() -> None:
         if len(precisions) == 2 and "train" in only:
             a, b = (result["precisions"][x]["training"][name]["tokens_per_s"] for x in precisions)
             rows.append(["train, 8×512", "/".join(precisions[::-1]), name, f"{b / a:.2f}×", "", ""])
-    path = write("speed", result, per_machine=True)
+    path = write("speed", result, per_machine=True, device=device)
     print(table(rows, ["what", "precision", "model", "tokens/s median (min–max)", "limit",
                        "vs authors'"]))
     print(f"\nwritten to {path}")
