@@ -52,13 +52,18 @@ def cpu_model_number() -> int | None:
     return None
 
 
+def on_cuda(device) -> bool:
+    """Whether ``device`` (None, a name or a torch.device) is a CUDA device."""
+    import torch
+
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def gpu_name(device=None) -> str | None:
     """The CUDA device's name ('NVIDIA H200'), or None off CUDA."""
     import torch
 
-    if device is None or torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.get_device_name(torch.device(device))
+    return torch.cuda.get_device_name(torch.device(device)) if on_cuda(device) else None
 
 
 def machine_tag(device=None) -> str:
@@ -94,7 +99,7 @@ def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096, device="c
     import torch.nn.functional as F
 
     device = torch.device(device)
-    cuda = device.type == "cuda"
+    cuda = on_cuda(device)
     if cuda:
         threads, size, gemv = ("gpu",), max(size, 8192), max(gemv, 16384)
     before = torch.get_num_threads()
@@ -123,14 +128,13 @@ def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096, device="c
 
 def limits_key(threads: int, device="cpu") -> str:
     """The key of ``machine_limits``' row that applies: the thread count, or "gpu"."""
-    import torch
-
-    return "gpu" if torch.device(device).type == "cuda" else str(threads)
+    return "gpu" if on_cuda(device) else str(threads)
 
 
 def format_limits(limits: dict) -> str:
     return "; ".join(
-        f"{'GPU' if t == 'gpu' else t + ' thread' + ('s' if t != '1' else '')}: fp32 {r['matmul_fp32_gflops']:.0f}, "
+        f"{'GPU' if t == 'gpu' else t + (' thread' if t == '1' else ' threads')}: "
+        f"fp32 {r['matmul_fp32_gflops']:.0f}, "
         f"bf16 {r['matmul_bf16_gflops']:.0f} GFLOP/s, gemv {r['gemv_fp32_gbs']:.1f} GB/s"
         for t, r in limits.items()
     )
@@ -169,8 +173,7 @@ def timed(fn, *, warmup: int = 1, repeat: int = 5, device=None) -> dict:
     """
     import torch
 
-    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" \
-        else (lambda: None)
+    sync = torch.cuda.synchronize if on_cuda(device) else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
