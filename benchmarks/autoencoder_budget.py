@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_cli, table, write  # noqa: E402
 
+from calm.report import read_metrics  # noqa: E402
+
 QUICKSTART_MINUTES = 3.952  # CALM's share of the quickstart's 13 minutes (0.38 of 10.4 training minutes)
 
 
@@ -41,9 +43,8 @@ def minutes_list(text: str) -> list[float]:
 
 
 def last_logged(folder: Path) -> dict:
-    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()
-            if '"tokens_per_s"' in x]
-    return rows[-1]
+    """The run's last metrics row with a throughput (its final step)."""
+    return [r for r in read_metrics(folder) if "tokens_per_s" in r][-1]
 
 
 def main() -> None:
