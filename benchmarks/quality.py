@@ -7,13 +7,14 @@ one total budget on this machine:
    bits per token stay those of the K = 4, latent-128 reference);
 2. trains CALM with K = 1, 2, 4, 8 (the paper's Fig. 5: semantic bandwidth as a
    scaling axis) and token-level baselines of two sizes, each for the same
-   wall-clock share, with the library's default recipe for the preset;
+   wall-clock share, with the library's default recipe for the preset; CALM K = 4
+   also on the wide baseline's backbone (``--no-calm-wide`` skips it);
 3. reports for each: BrierLM and Brier-1…4 on held-out text, perplexity
    (baselines), training FLOPs, inference FLOPs per generated token and
    generation tokens/s; plots BrierLM (and Brier-1, Brier-2) against training
    FLOPs, one curve per model, from the validations during training.
 
-The headline comparison is CALM K = 4 against the best baseline at equal
+The headline comparison is the better CALM K = 4 against the best baseline at equal
 training FLOPs: CALM's final BrierLM against the baseline's BrierLM at CALM's
 FLOPs, read off the baseline's validation curve (linear interpolation), with the
 ratio at equal wall time (both final scores) beside it.
@@ -55,13 +56,15 @@ CHUNK_SIZES = (1, 2, 4, 8)
 AE_WEIGHT = {1: 0.75, 2: 1.0, 4: 1.5, 8: 2.0}
 LM_WEIGHT = 2.0
 TRAIN_SHARE = 0.86  # of --minutes; the rest is evaluation, FLOPs and generation speed
+WIDE = ["--hidden-size", "384", "--intermediate-size", "1024", "--num-layers", "6", "--num-heads", "6"]
 BASELINES = {
     # name: (label, preset, overrides of the preset)
     "baseline": ("baseline (d 256, 4 layers)", "demo", []),
-    "baseline-wide": ("baseline (d 384, 6 layers)", "demo",
-                      ["--hidden-size", "384", "--intermediate-size", "1024", "--num-layers", "6",
-                       "--num-heads", "6"]),
+    "baseline-wide": ("baseline (d 384, 6 layers)", "demo", WIDE),
 }
+# CALM K = 4 on the wide baseline's backbone too: K = 4 gives the backbone a quarter of the
+# positions per token, so at equal time it can afford the larger one.
+CALM_WIDE = ("calm-k4-wide", "CALM K=4 (d 384, 6 layers)", WIDE)
 CALM_PRESET = "demo"
 EVALS_PER_RUN = 6
 ASSUMED_GFLOPS = 120.0  # only to space the validations: ~70 % of this machine's peak
@@ -141,6 +144,8 @@ def main() -> None:
     p.add_argument("--ae-minutes", type=float, default=None,
                    help="training minutes of the K=4 autoencoder; other K scale with it "
                         "(default: from --minutes)")
+    p.add_argument("--no-calm-wide", action="store_true",
+                   help="skip CALM K=4 on the wide baseline's backbone (d 384, 6 layers)")
     p.add_argument("--chunk-sizes", default=",".join(map(str, CHUNK_SIZES)),
                    help="comma-separated K of the CALM sweep (K=4 is always included)")
     args = p.parse_args()
@@ -197,6 +202,9 @@ def main() -> None:
         f"calm-k{K}": (f"CALM K={K}", "calm", CALM_PRESET, [], args.out / f"ae-k{K}")
         for K in sizes
     }
+    if not args.no_calm_wide:
+        name, label, flags = CALM_WIDE
+        runs[name] = (label, "calm", CALM_PRESET, flags, args.out / "ae-k4")
     for name, (label, preset, flags) in BASELINES.items():
         runs[name] = (label, "baseline", preset, flags, None)
 
@@ -204,7 +212,8 @@ def main() -> None:
         folder = args.out / name
         if not done(folder):
             print(f"--- {label}", flush=True)
-            minutes = sweep_minutes if kind == "calm" and name != "calm-k4" else lm_minutes
+            sweep = kind == "calm" and not name.startswith("calm-k4")
+            minutes = sweep_minutes if sweep else lm_minutes
             every = steps_between_evals(kind, preset, flags, ds.vocab_size, ae, minutes)
             cmd = ["train", "--autoencoder", str(ae)] if kind == "calm" else ["train-baseline"]
             run_cli([*cmd, *common, "--out", str(folder), "--preset", preset, *flags, "--steps", "1000000",
@@ -236,7 +245,11 @@ def main() -> None:
         print(f"{label}: BrierLM {res['brier_lm']:.3f}, Brier-1 {res['brier_1']:.4f}, "
               f"{res['train_flops']:.2e} training FLOPs", flush=True)
 
-    results["comparison"] = compare_at_equal_flops(results["models"])
+    arms = [n for n in ("calm-k4", CALM_WIDE[0]) if n in results["models"]]
+    results["comparisons"] = {n: compare_at_equal_flops(results["models"], n) for n in arms}
+    # The headline: the better CALM K = 4 at its own FLOPs (the baselines' side is their best too).
+    results["comparison"] = max((c for c in results["comparisons"].values() if c),
+                                key=lambda c: c["calm_brier_lm"], default=None)
     results["wall_minutes"] = (time.perf_counter() - t_start) / 60
     path = write("quality", results)
     rows = []
@@ -252,10 +265,9 @@ def main() -> None:
     aes = [[f"K={K}", f"{100 * a['acc_sample']:.2f} %", f"{a['sigma']:.3f}", a["collapsed_dims"]]
            for K, a in results["autoencoders"].items()]
     print(table(aes, ["autoencoder", "accuracy (sampled z)", "mean σ", "collapsed dims"]))
-    c = results["comparison"]
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-    if c:
-        print(f"CALM K=4 BrierLM {c['calm_brier_lm']:.3f} at {c['calm_train_flops']:.2e} FLOPs; "
+    for c in filter(None, results["comparisons"].values()):
+        print(f"{c['calm_label']}: BrierLM {c['calm_brier_lm']:.3f} at {c['calm_train_flops']:.2e} FLOPs; "
               f"best baseline at those FLOPs: {c['baseline_label']} {c['baseline_brier_lm_at_calm_flops']:.3f}"
               f"{' (its curve ends earlier: its final score)' if c['baseline_curve_ends_early'] else ''}"
               f" → ratio {fmt(c['ratio_equal_flops'])} at equal FLOPs, "
@@ -264,8 +276,8 @@ def main() -> None:
     print(f"written to {path}")
 
 
-def compare_at_equal_flops(models: dict) -> dict | None:
-    """CALM K=4's final BrierLM against each baseline's BrierLM at CALM's training FLOPs.
+def compare_at_equal_flops(models: dict, calm_name: str = "calm-k4") -> dict | None:
+    """A CALM's final BrierLM against each baseline's BrierLM at that CALM's training FLOPs.
 
     A baseline's curve is its validations during training plus its final score; its value at
     CALM's FLOPs is interpolated linearly (its final score when the curve ends earlier).
@@ -273,7 +285,7 @@ def compare_at_equal_flops(models: dict) -> dict | None:
     """
     import numpy as np
 
-    calm = models.get("calm-k4")
+    calm = models.get(calm_name)
     if calm is None:
         return None
     flops = calm["train_flops"]
@@ -294,7 +306,8 @@ def compare_at_equal_flops(models: dict) -> dict | None:
         return None
     final_best = max(r["brier_lm"] for r in models.values() if r["kind"] == "baseline")
     ratio = lambda a, b: a / b if b > 0 else None  # noqa: E731
-    return {"calm_brier_lm": calm["brier_lm"], "calm_train_flops": flops, **best,
+    return {"calm": calm_name, "calm_label": calm["label"],
+            "calm_brier_lm": calm["brier_lm"], "calm_train_flops": flops, **best,
             "ratio_equal_flops": ratio(calm["brier_lm"], best["baseline_brier_lm_at_calm_flops"]),
             "ratio_equal_time": ratio(calm["brier_lm"], final_best)}
 
@@ -309,6 +322,7 @@ def plot(results: dict) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=120)
     colors = {"calm-k1": "#9ecae1", "calm-k2": "#4292c6", "calm-k4": "#08519c", "calm-k8": "#08306b",
+              "calm-k4-wide": "#6a51a3",
               "baseline": "#e6550d", "baseline-wide": "#a63603"}
     for ax, key, title in zip(axes, ("brier_lm", "brier_1", "brier_2"),
                               ("BrierLM (×100 scale)", "Brier-1", "Brier-2")):
