@@ -131,6 +131,11 @@ class CALMConfig:
     """l; must equal the autoencoder's."""
     input_scheme: str = "discrete"
     """How the previous chunk enters: 'discrete' (tokens), 'continuous' (latent) or 'both'."""
+    token_loss_weight: float = 0.0
+    """Weight of an auxiliary cross-entropy on the next chunk's K tokens, read from the
+    backbone's hidden state by a small probe tied to the input embedding. A training aid
+    only: sampling, generation and evaluation never use the probe. 0: the paper's objective
+    (the generative head's loss alone)."""
 
 
 @dataclass(frozen=True, kw_only=True)

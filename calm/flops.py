@@ -208,6 +208,10 @@ def training_parts(model: nn.Module, block_size: int) -> dict[str, float]:
         }
         if loss:
             parts["energy loss distances"] = P * loss
+        if cfg.token_loss_weight > 0:
+            # Linear(d → K·d) and K tied-embedding logits per position, forward + backward.
+            d, K, V = cfg.backbone.hidden_size, cfg.chunk_size, cfg.backbone.vocab_size
+            parts["auxiliary token loss"] = P * 3 * (_lin(d, K * d) + K * _lin(d, V))
         if cfg.input_scheme == "both" and cfg.chunk_size > 1:
             # Training re-encodes each block's first chunk with its absent slots masked.
             parts["autoencoder encoder (first chunk, masked)"] = encoder_flops(

@@ -20,6 +20,7 @@ from calm.autoencoder import Autoencoder
 from calm.config import CALMConfig
 from calm.errors import CalmError
 from calm.heads import build_head
+from calm.ops import linear_cross_entropy
 from calm.transformer import KVCache, Transformer, init_weights
 
 PARTIAL_FIRST_CHUNK = 0.25  # fraction of training blocks whose first chunk loses a prefix
@@ -64,6 +65,17 @@ class CALM(nn.Module):
                 init_weights(m)
         if hasattr(self, "pad_embed"):
             nn.init.normal_(self.pad_embed, std=0.02)
+        if cfg.token_loss_weight < 0:
+            raise CalmError(f"token_loss_weight must be >= 0, got {cfg.token_loss_weight}")
+        if cfg.token_loss_weight > 0:
+            if not hasattr(self, "embed"):
+                raise CalmError("the auxiliary token loss reads the input embedding: use the "
+                                "discrete or both input scheme, or token_loss_weight 0")
+            # One d-vector per slot of the next chunk, scored against the (tied) embedding.
+            self.token_probe = nn.Sequential(
+                nn.Linear(d, K * d), nn.Unflatten(-1, (K, d)), nn.LayerNorm(d, eps=1e-6)
+            )
+            init_weights(self.token_probe)
 
     # The frozen autoencoder stays in eval mode (no dropout) whatever mode CALM is in.
     def train(self, mode: bool = True):
@@ -145,6 +157,10 @@ class CALM(nn.Module):
         x = self.inputs(chunks[:, :-1], prev, known)  # (B, C−1, d)
         h = self.backbone(x)
         loss, metrics = self.head.loss(h, mean[:, 1:], log_std[:, 1:], generator=generator)
+        if hasattr(self, "token_probe"):
+            ce, acc = linear_cross_entropy(self.token_probe(h), self.embed.weight, chunks[:, 1:])
+            metrics = {**metrics, "token/ce": ce.detach(), "token/acc": acc.detach()}
+            loss = loss + self.config.token_loss_weight * ce
         metrics = {"loss": loss.detach(), **metrics}
         return loss, metrics
 

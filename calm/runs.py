@@ -82,6 +82,8 @@ class LanguageModelJob:
     head: dict[str, Any] = field(default_factory=dict)
     """HeadConfig fields that override the recipe's (CALM only)"""
     input_scheme: str = "discrete"
+    token_loss_weight: float | None = None
+    """None: the recipe's"""
     autoencoder: str | None = None
     init_from: str | None = None
     """fine-tune from this checkpoint, keeping its architecture"""
@@ -226,6 +228,9 @@ def _fine_tuned(job: LanguageModelJob, dataset, tcfg: TrainConfig, device):
         raise CalmError(f"--init-from keeps the checkpoint's architecture; drop --{flag}")
     if job.kind == "calm" and job.input_scheme != "discrete":
         raise CalmError("--init-from keeps the checkpoint's input scheme; drop --input-scheme")
+    if job.kind == "calm" and job.token_loss_weight is not None:
+        raise CalmError("--init-from keeps the checkpoint's token loss weight; drop "
+                        "--token-loss-weight")
     model, init_ckpt, init_cfg = load_model(job.init_from, device)
     if init_cfg["kind"] != job.kind:
         raise CalmError(f"{init_ckpt} holds a {init_cfg['kind']} model; `calm "
@@ -265,8 +270,11 @@ def _fresh_calm(job: LanguageModelJob, dataset, tcfg: TrainConfig, backbone, dev
         raise CalmError(f"block size {tcfg.block_size} holds fewer than 2 chunks of K={K}")
     backbone = dataclasses.replace(backbone, max_seq_len=max(backbone.max_seq_len, chunks))
     head = dataclasses.replace(HeadConfig(), **{**recipe("calm", job.preset).head, **job.head})
-    cfg = CALMConfig(backbone=backbone, head=head, chunk_size=K,
-                     latent_size=ae.config.latent_size, input_scheme=job.input_scheme)
+    weight = job.token_loss_weight
+    if weight is None:
+        weight = recipe("calm", job.preset).token_loss_weight
+    cfg = CALMConfig(backbone=backbone, head=head, chunk_size=K, latent_size=ae.config.latent_size,
+                     input_scheme=job.input_scheme, token_loss_weight=weight)
     seed_everything(tcfg.seed)
     return CALM(cfg, ae), K, {"model": to_dict(cfg),
                               "autoencoder": autoencoder_record(ae_ckpt, ae_cfg)}

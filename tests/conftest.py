@@ -139,7 +139,8 @@ def make_calm(tiny_ae):
     """
 
     def make(input_scheme: str = "discrete", *, seed: int = 0, random_head: bool = False,
-             num_targets: int = 16, **backbone) -> torch.nn.Module:
+             num_targets: int = 16, token_loss_weight: float = 0.0,
+             **backbone) -> torch.nn.Module:
         from calm.model import CALM
 
         ae = copy.deepcopy(tiny_ae)  # each model owns its copy: tests may not leak into others
@@ -150,6 +151,7 @@ def make_calm(tiny_ae):
             chunk_size=ae.config.chunk_size,
             latent_size=ae.config.latent_size,
             input_scheme=input_scheme,
+            token_loss_weight=token_loss_weight,
         )
         model = CALM(cfg, ae)
         if random_head:

@@ -344,6 +344,8 @@ def test_generate_bad_prompts_and_flags(capsys, base_run, calm_run, tmp_path):
     (["--num-heads", "3"], "num_heads"),
     (["--head-num-samples", "1"], "num_samples"),
     (["--block-size", "4"], "fewer than 2 chunks"),
+    (["--token-loss-weight", "-1"], "token_loss_weight"),
+    (["--token-loss-weight", "1", "--input-scheme", "continuous"], "discrete or both"),
 ])
 def test_bad_training_flags_write_nothing(tmp_path, capsys, ae_run, dataset_dir, flags, needle):
     out = tmp_path / "out"

@@ -133,10 +133,13 @@ def test_inference_flops_match_flop_counter(models, kind, name):
 
 
 @pytest.mark.parametrize(
-    "kind, scheme, kv", [("calm", "both", 1), ("calm", "continuous", 2), ("baseline", None, 1)]
+    "kind, scheme, kv, token_loss",
+    [("calm", "both", 1, 0.0), ("calm", "continuous", 2, 0.0), ("calm", "discrete", 1, 1.0),
+     ("baseline", None, 1, 0.0)],
 )
-def test_variants_match_flop_counter(kind, scheme, kv):
-    """Other input schemes, grouped KV heads and a tied lm head, at the tiny preset."""
+def test_variants_match_flop_counter(kind, scheme, kv, token_loss):
+    """Other input schemes, grouped KV heads, the auxiliary token loss and a tied lm head, at
+    the tiny preset."""
     torch.manual_seed(0)
     bb = preset(
         "transformer", "tiny", vocab_size=V, num_kv_heads=kv, tie_embeddings=kind == "baseline"
@@ -150,6 +153,7 @@ def test_variants_match_flop_counter(kind, scheme, kv):
                 latent_size=16,
                 input_scheme=scheme,
                 head=HeadConfig(num_samples=4, num_targets=7),
+                token_loss_weight=token_loss,
             ),
             ae,
         )

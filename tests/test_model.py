@@ -248,6 +248,47 @@ def test_input_schemes_train_and_generate(make_calm, dataset_dir, scheme):
     assert all(0 <= t < V for row in out.tokens for t in row)
 
 
+def test_token_loss_adds_weighted_cross_entropy(make_calm, dataset_dir):
+    """The auxiliary loss: the head's loss + w · CE of the next chunk's K tokens, the probe's
+    K vectors per position scored against the tied input embedding."""
+    model = make_calm(random_head=True, token_loss_weight=0.5).eval()
+    plain = make_calm(random_head=True)
+    assert not hasattr(plain, "token_probe")
+    assert not any(k.startswith("token_probe.") for k in plain.checkpoint_state())
+    x = fixed_batch(dataset_dir)
+    B, T = x.shape
+    chunks = x.view(B, T // 4, 4)
+    loss, metrics = model(x, generator=torch.Generator().manual_seed(5))
+    h = model.backbone(model.inputs(chunks[:, :-1]))
+    head_loss, _ = model.head.loss(h, *model.autoencoder.encode(chunks[:, 1:]),
+                                   generator=torch.Generator().manual_seed(5))
+    logits = model.token_probe(h) @ model.embed.weight.t()  # (B, C−1, K, V)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, -2), chunks[:, 1:].flatten())
+    torch.testing.assert_close(loss, head_loss + 0.5 * ce)
+    torch.testing.assert_close(metrics["token/ce"], ce)
+    loss.backward()
+    assert model.token_probe[0].weight.grad.abs().sum() > 0
+    assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_token_probe_is_not_used_to_generate(make_calm):
+    model = make_calm(random_head=True, token_loss_weight=1.0).eval()
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    a = generate(model, prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for q in model.token_probe.parameters():
+            q.normal_()
+    b = generate(model, prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+    assert a.tokens == b.tokens
+
+
+def test_token_loss_refusals(make_calm):
+    with pytest.raises(CalmError, match="token_loss_weight must be >= 0"):
+        make_calm(token_loss_weight=-1.0)
+    with pytest.raises(CalmError, match="discrete or both input scheme"):
+        make_calm("continuous", token_loss_weight=1.0)
+
+
 # ---------------------------------------------------------------------- checkpoints
 
 
@@ -262,8 +303,9 @@ def _calm_ckpt_config(model, ae_run, dataset_dir):
     }
 
 
-def test_calm_checkpoint_round_trip(make_calm, ae_run, dataset_dir, tmp_path):
-    model = make_calm("both")
+@pytest.mark.parametrize("token_loss_weight", [0.0, 1.0])
+def test_calm_checkpoint_round_trip(make_calm, ae_run, dataset_dir, tmp_path, token_loss_weight):
+    model = make_calm("both", token_loss_weight=token_loss_weight)
     ds = TokenDataset(dataset_dir)
     cfg = TrainConfig(steps=3, batch_size=2, block_size=BLOCK, lr=3e-3, warmup_steps=0,
                       eval_every=0, log_every=1)

@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--input-scheme", default="discrete", choices=["discrete", "continuous", "both"],
         help="how the previous chunk enters the backbone",
     )
+    p.add_argument(
+        "--token-loss-weight", type=float, default=None,
+        help="weight of an auxiliary cross-entropy on the next chunk's tokens, read from the "
+             "backbone by a probe that generation never uses (a training aid; 0: the paper's "
+             "objective alone; default: the preset's recipe)",
+    )
 
 
 def job_of(args, kind: str) -> LanguageModelJob:
@@ -81,6 +87,7 @@ def job_of(args, kind: str) -> LanguageModelJob:
         backbone=overrides(args, TransformerConfig, skip=("vocab_size",)),
         head=overrides(args, HeadConfig, prefix="head-") if kind == "calm" else {},
         input_scheme=getattr(args, "input_scheme", "discrete"),
+        token_loss_weight=getattr(args, "token_loss_weight", None),
         autoencoder=getattr(args, "autoencoder", None), init_from=args.init_from,
         train=train_config(args, recipe(kind, args.preset).train),
         eval_brier=args.eval_brier, eval_brier_tokens=args.eval_brier_tokens,
