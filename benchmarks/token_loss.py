@@ -13,11 +13,13 @@ This benchmark trains the demo CALM on one autoencoder for the same
 ``--minutes`` at each weight in ``--weights``, one after the other (same seed,
 same data order), and scores every CALM on every held-out token with 16 sampled
 chunks per start (``calm eval --samples 16 --max-tokens 0``). ``--seeds 2`` adds
-a second training seed for each weight.
+a second training seed for each weight. ``--extra`` passes more ``calm train``
+flags to every run, so the same harness measures other one-factor changes at
+this budget (e.g. ``--weights 0 --extra "--head-num-samples 2" --name ...``).
 
 Usage: python benchmarks/token_loss.py --autoencoder runs/quality/ae-k4
        [--data data/shakespeare] [--weights 0,1] [--minutes 3.952] [--seeds 1]
-       [--out runs/token_loss] [--name token_loss]
+       [--out runs/token_loss] [--name token_loss] [--extra "FLAGS"]
 Writes benchmarks/results/NAME.json; rerunning reuses finished runs in --out.
 """
 
