@@ -25,27 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_cli, table, write  # noqa: E402
-
-from calm.report import read_metrics  # noqa: E402
-
-QUICKSTART_MINUTES = 3.952  # CALM's share of the quickstart's 13 minutes (0.38 of 10.4 training minutes)
-
-
-def minutes_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"--ae-minutes: expected numbers like 0.5,1,2, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"--ae-minutes: expected positive numbers, got {text!r}")
-    return values
-
-
-def last_logged(folder: Path) -> dict:
-    """The run's last metrics row with a throughput (its final step)."""
-    return [r for r in read_metrics(folder) if "tokens_per_s" in r][-1]
-
+from common import QUICKSTART_CALM_MINUTES, last_logged, number_list, run_cli, table, write  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,11 +33,11 @@ def main() -> None:
                    help="prepared dataset (made from the demo corpus if missing)")
     p.add_argument("--out", type=Path, default=Path("runs/ae_budget"), help="folder of the trainings")
     p.add_argument("--ae-minutes", default="0.5,1,2", help="comma-separated autoencoder budgets")
-    p.add_argument("--calm-minutes", type=float, default=QUICKSTART_MINUTES)
+    p.add_argument("--calm-minutes", type=float, default=QUICKSTART_CALM_MINUTES)
     p.add_argument("--samples", type=int, default=16, help="sampled chunks per start in CALM's scores")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    budgets = minutes_list(args.ae_minutes)
+    budgets = number_list(args.ae_minutes, "--ae-minutes")
     if args.calm_minutes <= 0:
         p.error(f"--calm-minutes must be positive, got {args.calm_minutes:g}")
     if not (args.data / "meta.json").is_file():

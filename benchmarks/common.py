@@ -219,3 +219,33 @@ def run_cli(argv: list[str], *, capture: bool = False) -> str:
         raise SystemExit(f"`calm {' '.join(argv)}` failed (exit {rc})")
     return buf.getvalue()
 
+
+
+# CALM's training minutes in a default `calm quickstart` (13 minutes, of which 80 % train and
+# CALM gets its share): the budget the quickstart-sized probes give each CALM.
+def _quickstart_calm_minutes() -> float:
+    from calm.cli.quickstart import SPLIT, TRAIN_SHARE
+
+    return 13.0 * TRAIN_SHARE * SPLIT["calm"]
+
+
+QUICKSTART_CALM_MINUTES = _quickstart_calm_minutes()
+
+
+def number_list(text: str, flag: str, *, allow_zero: bool = False) -> list[float]:
+    """Comma-separated numbers of a flag, all positive (or >= 0); exit with a one-line error."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag}: expected numbers like 0.5,1,2, got {text!r}") from None
+    if not values or any(v < 0 or (v == 0 and not allow_zero) for v in values):
+        raise SystemExit(f"{flag}: expected {'numbers >= 0' if allow_zero else 'positive numbers'}, "
+                         f"got {text!r}")
+    return values
+
+
+def last_logged(folder: Path) -> dict:
+    """A run's last metrics row with a throughput (its final step)."""
+    from calm.report import read_metrics
+
+    return [r for r in read_metrics(folder) if "tokens_per_s" in r][-1]

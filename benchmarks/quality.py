@@ -65,6 +65,8 @@ BASELINES = {
 # CALM K = 4 on the wide baseline's backbone too: K = 4 gives the backbone a quarter of the
 # positions per token, so at equal time it can afford the larger one.
 CALM_WIDE = ("calm-k4-wide", "CALM K=4 (d 384, 6 layers)", WIDE)
+# The CALMs that train for --lm-minutes, as long as the baselines; the others for --sweep-minutes.
+FULL_LENGTH = ("calm-k4", CALM_WIDE[0])
 CALM_PRESET = "demo"
 EVALS_PER_RUN = 6
 ASSUMED_GFLOPS = 120.0  # only to space the validations: ~70 % of this machine's peak
@@ -212,8 +214,7 @@ def main() -> None:
         folder = args.out / name
         if not done(folder):
             print(f"--- {label}", flush=True)
-            sweep = kind == "calm" and not name.startswith("calm-k4")
-            minutes = sweep_minutes if sweep else lm_minutes
+            minutes = sweep_minutes if kind == "calm" and name not in FULL_LENGTH else lm_minutes
             every = steps_between_evals(kind, preset, flags, ds.vocab_size, ae, minutes)
             cmd = ["train", "--autoencoder", str(ae)] if kind == "calm" else ["train-baseline"]
             run_cli([*cmd, *common, "--out", str(folder), "--preset", preset, *flags, "--steps", "1000000",
@@ -249,10 +250,10 @@ def main() -> None:
     # The sweep's shorter runs have no baseline of their length: equal FLOPs only.
     results["comparisons"] = {
         n: compare_at_equal_flops(results["models"], n,
-                                  same_time=n in ("calm-k4", CALM_WIDE[0]) or sweep_minutes == lm_minutes)
+                                  same_time=n in FULL_LENGTH or sweep_minutes == lm_minutes)
         for n in calms}
     # The headline: the better CALM K = 4 at its own FLOPs (the baselines' side is their best too).
-    results["comparison"] = max((results["comparisons"][n] for n in ("calm-k4", CALM_WIDE[0])
+    results["comparison"] = max((results["comparisons"][n] for n in FULL_LENGTH
                                  if results["comparisons"].get(n)),
                                 key=lambda c: c["calm_brier_lm"], default=None)
     results["wall_minutes"] = (time.perf_counter() - t_start) / 60

@@ -32,22 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_cli, table, write  # noqa: E402
+from common import QUICKSTART_CALM_MINUTES, number_list, run_cli, table, write  # noqa: E402
 
 from calm.report import flops_at_steps, read_metrics  # noqa: E402
-
-QUICKSTART_MINUTES = 3.952  # CALM's share of the quickstart's 13 minutes
-
-
-def numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag}: expected numbers like 0,1, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise SystemExit(f"{flag}: expected numbers >= 0, got {text!r}")
-    return values
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,14 +42,14 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("data/shakespeare"), help="prepared dataset")
     p.add_argument("--out", type=Path, default=Path("runs/token_loss"), help="folder of the trainings")
     p.add_argument("--weights", default="0,1", help="comma-separated token-loss weights")
-    p.add_argument("--minutes", type=float, default=QUICKSTART_MINUTES, help="training minutes per run")
+    p.add_argument("--minutes", type=float, default=QUICKSTART_CALM_MINUTES, help="training minutes per run")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per weight (1337, 2, 3, …)")
     p.add_argument("--samples", type=int, default=16, help="sampled chunks per start in the scores")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--extra", default="", help="more `calm train` flags for every run, one string")
     p.add_argument("--name", default="token_loss", help="result file name")
     args = p.parse_args()
-    weights = numbers(args.weights, "--weights")
+    weights = number_list(args.weights, "--weights", allow_zero=True)
     if args.minutes <= 0:
         p.error(f"--minutes must be positive, got {args.minutes:g}")
     if args.seeds < 1:

@@ -27,8 +27,6 @@ class Recipe:
 
     train: TrainConfig
     head: dict[str, Any] = field(default_factory=dict)
-    token_loss_weight: float = 0.0
-    """CALM only: weight of the auxiliary token loss (CALMConfig.token_loss_weight)."""
 
 
 _AE_SMALL = TrainConfig(

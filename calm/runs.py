@@ -82,8 +82,7 @@ class LanguageModelJob:
     head: dict[str, Any] = field(default_factory=dict)
     """HeadConfig fields that override the recipe's (CALM only)"""
     input_scheme: str = "discrete"
-    token_loss_weight: float | None = None
-    """None: the recipe's"""
+    token_loss_weight: float = 0.0
     autoencoder: str | None = None
     init_from: str | None = None
     """fine-tune from this checkpoint, keeping its architecture"""
@@ -228,7 +227,7 @@ def _fine_tuned(job: LanguageModelJob, dataset, tcfg: TrainConfig, device):
         raise CalmError(f"--init-from keeps the checkpoint's architecture; drop --{flag}")
     if job.kind == "calm" and job.input_scheme != "discrete":
         raise CalmError("--init-from keeps the checkpoint's input scheme; drop --input-scheme")
-    if job.kind == "calm" and job.token_loss_weight is not None:
+    if job.kind == "calm" and job.token_loss_weight != 0:
         raise CalmError("--init-from keeps the checkpoint's token loss weight; drop "
                         "--token-loss-weight")
     model, init_ckpt, init_cfg = load_model(job.init_from, device)
@@ -270,11 +269,8 @@ def _fresh_calm(job: LanguageModelJob, dataset, tcfg: TrainConfig, backbone, dev
         raise CalmError(f"block size {tcfg.block_size} holds fewer than 2 chunks of K={K}")
     backbone = dataclasses.replace(backbone, max_seq_len=max(backbone.max_seq_len, chunks))
     head = dataclasses.replace(HeadConfig(), **{**recipe("calm", job.preset).head, **job.head})
-    weight = job.token_loss_weight
-    if weight is None:
-        weight = recipe("calm", job.preset).token_loss_weight
     cfg = CALMConfig(backbone=backbone, head=head, chunk_size=K, latent_size=ae.config.latent_size,
-                     input_scheme=job.input_scheme, token_loss_weight=weight)
+                     input_scheme=job.input_scheme, token_loss_weight=job.token_loss_weight)
     seed_everything(tcfg.seed)
     return CALM(cfg, ae), K, {"model": to_dict(cfg),
                               "autoencoder": autoencoder_record(ae_ckpt, ae_cfg)}

@@ -73,10 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how the previous chunk enters the backbone",
     )
     p.add_argument(
-        "--token-loss-weight", type=float, default=None,
+        "--token-loss-weight", type=float, default=0.0,
         help="weight of an auxiliary cross-entropy on the next chunk's tokens, read from the "
-             "backbone by a probe that generation never uses (a training aid; 0: the paper's "
-             "objective alone; default: the preset's recipe)",
+             "backbone by a probe that generation never uses (a training aid; default 0: the "
+             "paper's objective alone)",
     )
 
 
@@ -87,7 +87,7 @@ def job_of(args, kind: str) -> LanguageModelJob:
         backbone=overrides(args, TransformerConfig, skip=("vocab_size",)),
         head=overrides(args, HeadConfig, prefix="head-") if kind == "calm" else {},
         input_scheme=getattr(args, "input_scheme", "discrete"),
-        token_loss_weight=getattr(args, "token_loss_weight", None),
+        token_loss_weight=getattr(args, "token_loss_weight", 0.0),
         autoencoder=getattr(args, "autoencoder", None), init_from=args.init_from,
         train=train_config(args, recipe(kind, args.preset).train),
         eval_brier=args.eval_brier, eval_brier_tokens=args.eval_brier_tokens,
