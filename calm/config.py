@@ -113,6 +113,10 @@ class HeadConfig:
     """Flow head: ODE steps at sampling time."""
     flow_solver: str = "midpoint"
     """Flow head: 'euler' or 'midpoint'."""
+    flow_time_shift: float = 1.0
+    """Flow head: s in t = u / (s − (s − 1)·u), for the training times (u ~ U(0, 1)) and the
+    solver's steps (equal in u). 1: uniform t, the paper's; s > 1 spends more of both near
+    the noise end."""
     diffusion_steps: int = 100
     """Diffusion head: respaced DDPM steps at sampling time."""
 

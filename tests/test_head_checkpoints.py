@@ -21,7 +21,8 @@ def test_reload_generates_identically(tmp_path, tiny_ae, ae_run, head, scheme):
     ae_ckpt = resolve_checkpoint(ae_run)
     cfg = CALMConfig(
         backbone=preset("transformer", "tiny", vocab_size=tiny_ae.config.vocab_size),
-        head=HeadConfig(kind=head, num_targets=8, flow_steps=2, diffusion_steps=5),
+        head=HeadConfig(kind=head, num_targets=8, flow_steps=2, flow_time_shift=2.0,
+                        diffusion_steps=5),
         chunk_size=tiny_ae.config.chunk_size, latent_size=tiny_ae.config.latent_size,
         input_scheme=scheme,
     )
@@ -44,6 +45,7 @@ def test_reload_generates_identically(tmp_path, tiny_ae, ae_run, head, scheme):
     )
     loaded, _, _ = load_model(ckpt)
     assert loaded.config == cfg
+    assert getattr(loaded.head, "time_shift", 2.0) == 2.0
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
     a = generate(model, prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(5))
     b = generate(loaded, prompts, max_new_tokens=12, generator=torch.Generator().manual_seed(5))

@@ -17,7 +17,7 @@ from calm.config import HeadConfig
 from calm.errors import CalmError
 from calm.heads import HEADS, DiffusionHead, FlowHead, GenerativeHead, build_head
 from calm.heads.diffusion import cosine_alpha_bar, ddpm_sample, respace
-from calm.heads.flow import integrate
+from calm.heads.flow import integrate, time_shift
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +74,26 @@ def test_integrate_time_dependent_and_interval():
         integrate(lambda x, t: x, x0, 2, "rk4")
 
 
+def test_time_shift_map_and_shifted_steps():
+    u = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(time_shift(u, 1.0), u)
+    t = time_shift(u, 3.0)
+    assert t[0] == 0 and t[-1] == 1 and (t[1:] > t[:-1]).all()
+    assert t[5].item() == pytest.approx(0.5 / (3 - 2 * 0.5))  # u = 1/2 → t = 1/4
+    # dx/dt = 2t on [0, 1]: the midpoint rule is exact on any grid; Euler with left end
+    # points on the shifted grid t_i = (i/3) / (3 − 2·i/3) = i / (9 − 2i): 0, 1/7, 2/5, 1.
+    x0 = torch.zeros(1, dtype=torch.float64)
+    mid = integrate(lambda x, t: torch.full_like(x, 2 * t), x0, 3, "midpoint", shift=3.0)
+    assert mid.item() == pytest.approx(1.0, abs=1e-12)
+    grid = [0.0, 1 / 7, 2 / 5, 1.0]
+    assert [time_shift(i / 3, 3.0) for i in range(4)] == pytest.approx(grid)
+    eul = integrate(lambda x, t: torch.full_like(x, 2 * t), x0, 3, "euler", shift=3.0)
+    want = sum(2 * grid[i] * (grid[i + 1] - grid[i]) for i in range(3))
+    assert eul.item() == pytest.approx(want, abs=1e-12)
+    with pytest.raises(CalmError):
+        FlowHead(8, 2, time_shift=0.0)
+
+
 def test_flow_ode_with_exact_velocity_reaches_target():
     # y ~ N(μ, s²) per dimension: x_t = (1−t)x0 + t·y is Gaussian with mean tμ and variance
     # V = (1−t)² + t²s², and E[y − x0 | x_t] = μ + (t·s² − (1 − t))/V · (x_t − tμ).
@@ -84,9 +104,10 @@ def test_flow_ode_with_exact_velocity_reaches_target():
         return mu + (t * s**2 - (1 - t)) / ((1 - t) ** 2 + t**2 * s**2) * (x - t * mu)
 
     x0 = torch.randn(20000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    z = integrate(v, x0, 10, "midpoint")
-    torch.testing.assert_close(z.mean(0), mu, atol=0.02, rtol=0)
-    torch.testing.assert_close(z.std(0), s, atol=0, rtol=0.03)
+    for shift in (1.0, 3.0):
+        z = integrate(v, x0, 10, "midpoint", shift=shift)
+        torch.testing.assert_close(z.mean(0), mu, atol=0.02, rtol=0)
+        torch.testing.assert_close(z.std(0), s, atol=0, rtol=0.03)
     # The same velocity run backwards in time (t: 1 → 0) lands on N(0, I), not the target.
     zb = integrate(v, x0, 10, "midpoint", t0=1.0, t1=0.0)
     assert (zb.mean(0) - mu).abs().min() > 0.3
@@ -157,14 +178,16 @@ def test_ddpm_with_exact_noise_reaches_target(steps, rtol):
 # ----------------------------------------------------------------------------- losses
 
 
-def test_flow_loss_matches_literal_replication():
-    head = _small("flow")
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_loss_matches_literal_replication(shift):
+    head = _small("flow", flow_time_shift=shift)
     _randomise(head)
     h, mean, log_std = torch.randn(2, 5, 16), torch.randn(2, 5, 4), torch.randn(2, 5, 4) * 0.3
     loss, metrics = head.loss(h, mean, log_std, generator=torch.Generator().manual_seed(3))
     # Same draws in the documented order: t (..., N), x0 (..., N, l), posterior noise.
     g, N = torch.Generator().manual_seed(3), head.num_samples
-    t = torch.rand(2, 5, N, generator=g)
+    u = torch.rand(2, 5, N, generator=g)
+    t = u / (shift - (shift - 1) * u)
     x0 = torch.randn(2, 5, N, 4, generator=g)
     y = mean[:, :, None] + log_std[:, :, None].exp() * torch.randn(2, 5, N, 4, generator=g)
     xt = (1 - t[..., None]) * x0 + t[..., None] * y

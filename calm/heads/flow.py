@@ -11,6 +11,8 @@ with the mean taken over latent dimensions, positions and the N replicas of h
 its own x_0, t and y). Sampling integrates dx/dt = v_θ(x, t, h) from t = 0 to 1
 with ``flow_steps`` Euler or midpoint steps; the paper finds the midpoint solver
 near its best after 4 steps. One midpoint step costs two network evaluations.
+``flow_time_shift`` s > 1 draws the training times as t = u / (s − (s − 1)·u), u ~ U(0, 1),
+and places the solver's steps alike, both denser near the noise end (default 1: as above).
 
 The network (``ConditionedMLP``) is the diffusion head's; its default number of
 blocks follows the energy head's rule, max(1, backbone layers // 4), which gives
@@ -38,9 +40,12 @@ def integrate(
     solver: str = "midpoint",
     t0: float = 0.0,
     t1: float = 1.0,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Solve dx/dt = velocity_fn(x, t) from x(t0) = x0 to t1 with `steps` equal steps.
+    """Solve dx/dt = velocity_fn(x, t) from x(t0) = x0 to t1 in `steps` steps.
 
+    The steps are equal in u; time is t = time_shift(u, shift), so shift > 1 makes the
+    steps short near t = 0 and long near t = 1 (shift 1: equal steps in t).
     euler: x += Δt·v(x, t)                         (1 evaluation per step, first order)
     midpoint: x += Δt·v(x + Δt/2·v(x, t), t + Δt/2) (2 evaluations per step, second order)
     """
@@ -48,15 +53,29 @@ def integrate(
         raise CalmError(f"flow: the number of ODE steps must be at least 1, got {steps}")
     if solver not in SOLVERS:
         raise CalmError(f"flow: unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
-    dt = (t1 - t0) / steps
+    du = (t1 - t0) / steps
     x = x0
     for i in range(steps):
-        t = t0 + i * dt
+        t = time_shift(t0 + i * du, shift)
+        dt = time_shift(t0 + (i + 1) * du, shift) - t
         v = velocity_fn(x, t)
         if solver == "midpoint":
             v = velocity_fn(x + (dt / 2) * v, t + dt / 2)
         x = x + dt * v
     return x
+
+
+def time_shift(u, shift: float):
+    """t = u / (shift − (shift − 1)·u): a monotone map of [0, 1] onto itself, the identity
+    at shift 1; shift > 1 puts more of the time near t = 0 (the noise end).
+
+    Training draws t = time_shift(U(0, 1)) and sampling steps equally in u, so both
+    spend more of their work where the sample is still mostly noise — where, between
+    latents far apart from one another, which one the sample heads for is decided.
+    """
+    if shift == 1.0:
+        return u
+    return u / (shift - (shift - 1) * u)
 
 
 class FlowHead(GenerativeHead):
@@ -72,6 +91,7 @@ class FlowHead(GenerativeHead):
         num_samples: int = 8,
         steps: int = 4,
         solver: str = "midpoint",
+        time_shift: float = 1.0,
     ):
         super().__init__(hidden_size, latent_size)
         width = width or hidden_size
@@ -85,6 +105,9 @@ class FlowHead(GenerativeHead):
             raise CalmError(
                 f"flow head: unknown solver {solver!r}; choose from {', '.join(SOLVERS)}"
             )
+        if not time_shift > 0:
+            raise CalmError(f"flow head: the time shift must be positive, got {time_shift}")
+        self.time_shift = float(time_shift)
         self.width = width
         self.num_samples = num_samples
         self.steps = steps
@@ -103,6 +126,7 @@ class FlowHead(GenerativeHead):
             num_samples=cfg.num_samples,
             steps=cfg.flow_steps,
             solver=cfg.flow_solver,
+            time_shift=cfg.flow_time_shift,
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, h: torch.Tensor) -> torch.Tensor:
@@ -124,7 +148,7 @@ class FlowHead(GenerativeHead):
         want = self.check_targets(h, target_mean, target_log_std)
         shape = (*want[:-1], self.num_samples, self.latent_size)  # (..., N, l)
         kw = {"generator": generator, "device": h.device, "dtype": torch.float32}
-        t = torch.rand(shape[:-1], **kw)  # (..., N)
+        t = time_shift(torch.rand(shape[:-1], **kw), self.time_shift)  # (..., N)
         x0 = torch.randn(shape, **kw)
         eps = torch.randn(shape, **kw)
         # y ~ N(μ, σ²), one draw per replica
@@ -146,7 +170,9 @@ class FlowHead(GenerativeHead):
         shape = (*h.shape[:-1], n, self.latent_size)
         x0 = torch.randn(shape, generator=generator, device=h.device, dtype=dtype)
         c = self.net.condition(h)  # (..., 1, w), once for all steps and samples
-        return integrate(lambda x, t: self.net(x, t, c), x0, self.steps, self.solver)
+        return integrate(
+            lambda x, t: self.net(x, t, c), x0, self.steps, self.solver, shift=self.time_shift
+        )
 
     def flops_per_sample(self) -> int:
         return self.net.flops_per_evaluation()
