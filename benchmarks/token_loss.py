@@ -36,6 +36,7 @@ from common import QUICKSTART_CALM_MINUTES, number_list, run_cli, table, write  
 
 from calm.report import flops_at_steps, read_metrics  # noqa: E402
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", type=Path, required=True, help="a trained demo autoencoder")
