@@ -13,6 +13,9 @@ not depend on them (generation never stops early: no end-of-text).
   (training FLOPs per token from calm.flops);
 - BrierLM evaluation time of one 1024-token sequence;
 each at every precision asked for (default: fp32, and bf16 where `auto` picks it).
+``--compile`` also times CALM's generation with its head and decoder compiled
+(``generate(..., compile=True)``; the compiling first call is timed apart), and
+``--head flow`` gives CALM the demo preset's flow-matching head instead.
 
 "Authors'" figures are the authors' implementation measured on a machine of the same
 CPU kind (AMD EPYC or Intel Xeon, see AUTHORS); none are shown for another CPU, nor
@@ -25,7 +28,8 @@ from what the GPU can do, and ``--gen-batches`` adds larger decoding batches.
 
 Usage: python benchmarks/speed.py [--device cpu|cuda] [--threads 2] [--decode-threads 2]
        [--precision fp32,bf16] [--repeat 3] [--only gen,train,eval] [--gen-batches 1,8]
-Writes benchmarks/results/speed-<machine>.json (one file per kind of CPU, or of GPU).
+       [--compile] [--head energy|flow] [--name speed]
+Writes benchmarks/results/NAME-<machine>.json (one file per kind of CPU, or of GPU).
 """
 
 from __future__ import annotations
@@ -91,11 +95,11 @@ def authors_figures() -> dict:
     return {}
 
 
-def build(max_seq_len: int = 1024, device=CPU):
+def build(max_seq_len: int = 1024, device=CPU, head: str = "energy"):
     torch.manual_seed(0)
     backbone = preset("transformer", "bench", max_seq_len=max_seq_len)
     ae = Autoencoder(preset("autoencoder", "reference")).eval()
-    calm = CALM(CALMConfig(backbone=backbone, head=HeadConfig(num_blocks=2, num_samples=8),
+    calm = CALM(CALMConfig(backbone=backbone, head=HeadConfig(kind=head, num_blocks=2, num_samples=8),
                            chunk_size=4, latent_size=128), ae).eval()
     base = TokenLM(backbone).eval()
     return calm.to(device), base.to(device)
@@ -144,15 +148,26 @@ def per_token_costs(calm: CALM, base: TokenLM, precision: str = "fp32", batch: i
 
 
 def bench_generation(calm, base, batch: int, new_tokens: int, repeat: int, precision: str,
-                     device=CPU) -> dict:
+                     device=CPU, compile: bool = False) -> dict:
+    """tokens/s of each model; with ``compile`` also CALM with its head and decoder
+    compiled (``calm_compiled``; its first call, which compiles, is timed apart)."""
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, 32000, (batch, 32), generator=g).tolist()
     out = {}
-    for name, model in (("calm", calm), ("baseline", base)):
-        def run(model=model):
+    runs = [("calm", calm, False), ("baseline", base, False)]
+    if compile:
+        runs.append(("calm_compiled", calm, True))
+    for name, model, comp in runs:
+        def run(model=model, comp=comp):
             generate(model, prompts, max_new_tokens=new_tokens, eot_id=None,
-                     generator=torch.Generator(device=device).manual_seed(1), precision=precision)
+                     generator=torch.Generator(device=device).manual_seed(1), precision=precision,
+                     compile=comp)
+        first = None
+        if comp:
+            first = timed(run, warmup=0, repeat=1, device=device)["median"]
         t = timed(run, warmup=1, repeat=repeat, device=device)
+        if first is not None:
+            t["first_call_seconds"] = first
         n = batch * new_tokens
         out[name] = {"seconds": t, "tokens_per_s": n / t["median"],
                      "tokens_per_s_min_max": [n / t["max"], n / t["min"]]}
@@ -223,6 +238,14 @@ def main() -> None:
     p.add_argument("--gen-batches", default="1,8",
                    help="comma list of generation batch sizes (batch 1 decodes on --decode-threads)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time CALM generation with its head and decoder compiled "
+                        "(generate(..., compile=True)); the compiling call is timed apart")
+    p.add_argument("--head", choices=["energy", "flow"], default="energy",
+                   help="CALM's generative head (energy: the paper's; flow: the demo preset's, "
+                        "4 midpoint steps)")
+    p.add_argument("--name", default="speed",
+                   help="result file: benchmarks/results/NAME-<machine>.json")
     args = p.parse_args()
     only = set(args.only.split(","))
     try:
@@ -244,9 +267,9 @@ def main() -> None:
     gpu = gpu_name(device)
     print(f"{gpu or cpu_model()}: {format_limits(limits)}", flush=True)
     ref = {} if gpu else authors_figures()
-    calm, base = build(device=device)
+    calm, base = build(device=device, head=args.head)
     result: dict = {"setting": {"backbone": "hidden 512, ffn 1376, 8 layers, 8 heads, vocab 32000",
-                                "K": 4, "head_blocks": 2, "N": 8, "prompt": 32,
+                                "K": 4, "head": args.head, "head_blocks": 2, "N": 8, "prompt": 32,
                                 "new_tokens": args.new_tokens, "threads": args.threads,
                                 "decode_threads_batch1": decode_threads,
                                 "device": str(device), "generation_batches": gen_batches},
@@ -279,8 +302,11 @@ def main() -> None:
                 threads = decode_threads if batch == 1 else args.threads
                 torch.set_num_threads(threads)
                 costs = res["costs"][f"batch{batch}"]
-                g = bench_generation(calm, base, batch, args.new_tokens, args.repeat, prec, device)
-                for name, key in (("calm", "calm"), ("baseline", "base")):
+                g = bench_generation(calm, base, batch, args.new_tokens, args.repeat, prec, device,
+                                     compile=args.compile)
+                names = [("calm", "calm"), ("baseline", "base")]
+                names += [("calm_compiled", "calm")] if args.compile else []
+                for name, key in names:
                     tps = g[name]["tokens_per_s"]
                     lim = generation_limit(costs, key, batch, limits[limits_key(threads, device)],
                                            prec)
@@ -297,6 +323,13 @@ def main() -> None:
                 g["calm_over_baseline"] = g["calm"]["tokens_per_s"] / g["baseline"]["tokens_per_s"]
                 rows.append([f"generate, batch {batch}", prec, "CALM / baseline",
                              f"{g['calm_over_baseline']:.2f}×", "", ""])
+                if args.compile:
+                    c = g["calm_compiled"]
+                    g["compiled_over_eager"] = c["tokens_per_s"] / g["calm"]["tokens_per_s"]
+                    rows.append([f"generate, batch {batch}", prec, "CALM compiled / eager",
+                                 f"{g['compiled_over_eager']:.2f}×",
+                                 f"first call (compiles) {c['seconds']['first_call_seconds']:.0f} s",
+                                 ""])
                 res[f"generation_batch{batch}"] = g
         if "train" in only:
             torch.set_num_threads(args.threads)
@@ -328,7 +361,7 @@ def main() -> None:
         if len(precisions) == 2 and "train" in only:
             a, b = (result["precisions"][x]["training"][name]["tokens_per_s"] for x in precisions)
             rows.append(["train, 8×512", "/".join(precisions[::-1]), name, f"{b / a:.2f}×", "", ""])
-    path = write("speed", result, per_machine=True, device=device)
+    path = write(args.name, result, per_machine=True, device=device)
     print(table(rows, ["what", "precision", "model", "tokens/s median (min–max)", "limit",
                        "vs authors'"]))
     print(f"\nwritten to {path}")

@@ -77,7 +77,8 @@ class LanguageModel:
 
     def _run(self, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
              sampler: str = "batch", num_candidates: int = 200, max_calls: int = 100_000,
-             seed: int | None = None, document_start: bool = True, on_step=None):
+             seed: int | None = None, document_start: bool = True, on_step=None,
+             compile: bool = False):
         from calm.generate import generate
         from calm.loading import document_start_id
 
@@ -103,7 +104,7 @@ class LanguageModel:
         with torch.no_grad():
             return generate(self.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                             eot_id=self.tokenizer.eot_id, generator=generator, chooser=chooser,
-                            on_step=on_step, precision=self.precision)
+                            on_step=on_step, precision=self.precision, compile=compile)
 
     def generate(
         self,
@@ -116,6 +117,7 @@ class LanguageModel:
         max_calls: int = 100_000,
         seed: int | None = None,
         document_start: bool = True,
+        compile: bool = False,
     ) -> list[str]:
         """The continuation of each prompt (without the prompt).
 
@@ -123,11 +125,12 @@ class LanguageModel:
         ``num_candidates`` head samples per step) or 'exact' (Algorithm 1, any T, at most
         ``max_calls`` draws per step); the baseline scales its softmax. ``document_start``
         puts the token that training documents started after before each prompt (end of
-        text; an imported authors' model: its begin-of-text).
+        text; an imported authors' model: its begin-of-text). ``compile``: CALM at
+        temperature 1 compiles its head and decoder on the first call (``calm.generate``).
         """
         out = self._run(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         sampler=sampler, num_candidates=num_candidates, max_calls=max_calls,
-                        seed=seed, document_start=document_start)
+                        seed=seed, document_start=document_start, compile=compile)
         return [self.decode(t) for t in out.tokens]
 
     def stream(

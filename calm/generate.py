@@ -17,6 +17,7 @@ token), so the model reads exactly the prompt's text.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,14 +37,54 @@ class Generation:
     steps: int  # autoregressive steps taken
 
 
-def head_sample_chooser(model, generator: torch.Generator | None = None) -> Chooser:
-    """Temperature 1: one head sample per row, decoded by the autoencoder (argmax)."""
+def head_sample_chooser(
+    model, generator: torch.Generator | None = None, compile: bool = False
+) -> Chooser:
+    """Temperature 1: one head sample per row, decoded by the autoencoder (argmax).
+
+    ``compile``: run the head's sampler and the autoencoder's decoder, everything of a
+    step after the backbone, through ``torch.compile`` (energy and flow heads). The noise
+    is drawn outside, so in fp32 the samples are the ones without; in bf16 fused
+    operations round differently and a sample can differ.
+    """
+    if compile:
+        sampler, noise = _compiled_sampler(model), model.head.draw_noise
+        # A fresh (B, d) tensor: the prompt's last hidden state is a view with other strides
+        # (even at B = 1, which .contiguous() keeps), and new strides would compile again.
+        return lambda h: sampler(h.new_empty(h.shape).copy_(h), noise(h, 1, generator))
 
     def choose(h: torch.Tensor):
         z = model.head.sample(h, generator=generator)  # (B, l)
         return model.autoencoder.decode_tokens(z), z
 
     return choose
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_sampler(model):
+    """torch.compile of (h (B, d), noise) → (tokens (B, K), z (B, l)), once per model.
+
+    Compiling takes seconds to a minute (a C++ compiler on the CPU); the compiled code is
+    reused by every later generation with the model. A second batch size compiles once
+    more, for every batch size (torch.compile's automatic dynamic shapes)."""
+    from calm.heads.base import GenerativeHead
+
+    if model not in _COMPILED:
+        head, ae = model.head, model.autoencoder
+        if type(head).draw_noise is GenerativeHead.draw_noise:
+            raise CalmError(
+                f"compile: the {type(head).__name__} draws noise at every sampling step; "
+                "compiling supports the energy and flow heads"
+            )
+
+        def sample_and_decode(h: torch.Tensor, noise: torch.Tensor):
+            z = head.sample_from_noise(h, noise).squeeze(-2)  # (B, l)
+            return ae.decode_tokens(z), z
+
+        _COMPILED[model] = torch.compile(sample_and_decode)
+    return _COMPILED[model]
 
 
 def _check_prompts(prompts: list[list[int]]) -> None:
@@ -77,6 +118,7 @@ def generate(
     chooser: Chooser | None = None,
     on_step: Callable[[list[list[int]]], None] | None = None,
     precision: str | None = None,
+    compile: bool = False,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
@@ -84,17 +126,25 @@ def generate(
     row (for streaming). For CALM, ``chooser`` replaces the default head sampler
     (temperature sampling); for the baseline, ``temperature`` scales the softmax.
     ``precision``: 'auto', 'fp32' or 'bf16' (calm.precision); None takes
-    ``$CALM_PRECISION``, else 'auto'.
+    ``$CALM_PRECISION``, else 'auto'. ``compile``: CALM at temperature 1 runs its head
+    and decoder through ``torch.compile`` (energy and flow heads; see
+    ``head_sample_chooser``); it pays for its compile time in long or repeated generation.
     """
     _check_prompts(prompts)
     if not 0 < temperature <= 1:
         raise CalmError(f"temperature must be in (0, 1], got {temperature}")
     if max_new_tokens < 1:
         raise CalmError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if compile and (getattr(model, "kind", None) != "calm" or chooser is not None
+                    or temperature != 1.0):
+        raise CalmError("compile applies to CALM's own sampler at temperature 1 (not to the "
+                        "baseline, temperature sampling or a custom chooser)")
     device = next(model.parameters()).device
     precision = resolve_precision(precision or default_precision(), device)
     with decoding_layout(model, bf16=precision == "bf16"), autocast(device, precision):
         if getattr(model, "kind", None) == "calm":
+            if compile:
+                chooser = head_sample_chooser(model, generator, compile=True)
             return _generate_calm(
                 model, prompts, max_new_tokens, eot_id, generator, chooser, temperature, on_step
             )

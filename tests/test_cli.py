@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,19 @@ def test_generate_bad_prompts_and_flags(capsys, base_run, calm_run, tmp_path):
     long = "the king " * 400  # far more tokens than the tiny context (256 positions)
     run_err(capsys, ["generate", "--model", str(base_run), "--prompt", long], "context")
     run_err(capsys, ["generate", "--model", str(calm_run), "--prompt", long * 3], "context")
+    run_err(capsys, gen_argv(base_run, "--compile"), "--compile applies to CALM")
+    run_err(capsys, gen_argv(calm_run, "--compile", "--temperature", "0.5"), "temperature sampling")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_generate_compiled_says_the_same(capsys, calm_run):
+    argv = ["generate", "--model", str(calm_run), "--prompt", "the king", "--prompt", "Sea",
+            "--max-new-tokens", "12", "--seed", "3", "--precision", "fp32", "--json"]
+    plain = [json.loads(line)["text"] for line in run_ok(capsys, argv).splitlines()]
+    compiled = [json.loads(line)["text"] for line in run_ok(capsys, [*argv, "--compile"]).splitlines()]
+    assert compiled == plain
 
 
 @pytest.mark.parametrize("flags,needle", [

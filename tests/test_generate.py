@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -260,3 +262,59 @@ def test_baseline_input_errors(token_lm):
     for t in (0.0, 2.0, -1.0):
         with pytest.raises(CalmError, match="temperature"):
             generate(token_lm, [[1]], temperature=t)
+
+
+# ----------------------------------------------------------------------------- compile
+
+needs_cxx = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+
+
+@pytest.mark.slow
+@needs_cxx
+@pytest.mark.parametrize("kind", ["energy", "flow"])
+def test_compiled_sampler_generates_the_same_tokens(make_calm, kind):
+    from calm.config import HeadConfig
+    from calm.model import CALM
+
+    model = make_calm(seed=5, random_head=True)
+    if kind == "flow":
+        torch.manual_seed(6)
+        model = CALM(replace(model.config, head=HeadConfig(kind="flow", flow_steps=2)),
+                     model.autoencoder).eval()
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.normal_(0.0, 0.3)
+    # Prompts of different lengths; rows stop at different steps, so the compiled sampler
+    # also meets a smaller batch after its first compilation.
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+
+    def run(compile, eot=None):
+        g = torch.Generator().manual_seed(11)
+        return generate(model, prompts, max_new_tokens=24, eot_id=eot, generator=g,
+                        precision="fp32", compile=compile)
+
+    # A token of row 0's second chunk as end of text: that row stops early.
+    eot = run(False).tokens[0][K]
+    eager, compiled = run(False, eot), run(True, eot)
+    assert len({len(t) for t in eager.tokens}) > 1  # the rows did stop at different steps
+    assert compiled.tokens == eager.tokens
+    assert compiled.steps == eager.steps
+    assert run(True, eot).tokens == eager.tokens  # the cached compilation, again
+
+
+def test_compile_refuses_what_it_does_not_cover(make_calm, token_lm):
+    from calm.config import HeadConfig
+    from calm.model import CALM
+
+    model = make_calm(seed=5)
+    with pytest.raises(CalmError, match="compile applies to CALM"):
+        generate(token_lm, [[1, 2]], max_new_tokens=2, compile=True)
+    with pytest.raises(CalmError, match="compile applies to CALM"):
+        generate(model, [[1, 2]], max_new_tokens=4, temperature=0.5, compile=True)
+    diffusion = CALM(replace(model.config, head=HeadConfig(kind="diffusion")),
+                     model.autoencoder).eval()
+    with pytest.raises(CalmError, match="draws noise at every sampling step"):
+        generate(diffusion, [[1, 2]], max_new_tokens=4, compile=True)

@@ -13,6 +13,7 @@ its softmax by the temperature.
 Examples:
   calm generate --model runs/calm --prompt "ROMEO:" --max-new-tokens 64 --seed 0
   calm generate --model runs/calm --prompt-file prompts.txt --temperature 0.5 --sampler exact
+  calm generate --model runs/calm --prompt "ROMEO:" --max-new-tokens 2048 --compile
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-document-start", action="store_true", help="do not put end-of-text before the prompt")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="print JSON lines (prompt, text, tokens/s)")
+    p.add_argument("--compile", action="store_true",
+                   help="CALM at temperature 1: run the head's sampler and the autoencoder's "
+                        "decoder through torch.compile (energy and flow heads; in fp32 the same "
+                        "samples). "
+                        "Compiling takes up to a minute before the first token (a C++ compiler "
+                        "on a CPU), so it pays in long generations; tokens/s excludes it")
     add_runtime_flags(p)
 
 
@@ -83,6 +90,9 @@ def run(args) -> int:
     ckpt, cfg = checkpoint_kind(args.model)
     if cfg["kind"] == "autoencoder":
         raise CalmError(f"{ckpt} is an autoencoder; generate from a CALM or baseline checkpoint")
+    if args.compile and (cfg["kind"] != "calm" or args.temperature != 1.0):
+        raise CalmError("--compile applies to CALM at temperature 1 (its head and decoder), "
+                        f"not to {'a baseline' if cfg['kind'] != 'calm' else 'temperature sampling'}")
     if cfg["kind"] == "calm":
         from calm.loading import load_calm
 
@@ -119,10 +129,18 @@ def run(args) -> int:
             sys.stdout.write(text_stream.push(added[0]))
             sys.stdout.flush()
 
+    precision = precision_of(args, device)
+    if args.compile:
+        # Compile on one step of the same batch (its own noise), so that tokens/s is the steps'.
+        print("compiling the head and the decoder ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        generate(model, ids, max_new_tokens=1, precision=precision, compile=True,
+                 generator=torch.Generator(device=device).manual_seed(0))
+        print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    eot_id=tok.eot_id, generator=generator, chooser=chooser, on_step=on_step,
-                   precision=precision_of(args, device))
+                   precision=precision, compile=args.compile)
     dt = time.perf_counter() - t0
     n_new = sum(len(t) for t in out.tokens)
     if stream:

@@ -46,6 +46,22 @@ class GenerativeHead(nn.Module, ABC):
     ) -> torch.Tensor:
         """n independent samples per row in one batched pass: h (..., d) → (..., n, l)."""
 
+    def draw_noise(
+        self, h: torch.Tensor, n: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """All the randomness of n samples per row of h, for ``sample_from_noise``.
+
+        Heads whose sampler draws all of it up front implement this pair, so that the
+        deterministic rest can be compiled (``generate(..., compile=True)``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} draws noise at every sampling step; only the energy and "
+            f"flow heads sample from noise drawn up front"
+        )
+
+    def sample_from_noise(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The samples (..., n, l) that ``draw_noise(h, n)`` leads to, deterministically."""
+        raise NotImplementedError(type(self).__name__)
+
     def check_targets(
         self, h: torch.Tensor, target_mean: torch.Tensor, target_log_std: torch.Tensor
     ) -> tuple[int, ...]:

@@ -224,6 +224,9 @@ class EnergyHead(GenerativeHead):
         dtype = self.noise_proj.weight.dtype
         return torch.rand(shape, generator=generator, device=h.device, dtype=dtype) - 0.5
 
+    def sample_from_noise(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self(h, noise)
+
     def sample_n(
         self, h: torch.Tensor, n: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -166,9 +166,17 @@ class FlowHead(GenerativeHead):
         self, h: torch.Tensor, n: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """ODE from x_0 ~ N(0, I) (the only randomness) at t = 0 to t = 1: (..., d) → (..., n, l)."""
+        return self.sample_from_noise(h, self.draw_noise(h, n, generator))
+
+    def draw_noise(
+        self, h: torch.Tensor, n: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The ODE's start points x_0 ~ N(0, I): (..., n, l)."""
         dtype = self.net.input_proj.weight.dtype
         shape = (*h.shape[:-1], n, self.latent_size)
-        x0 = torch.randn(shape, generator=generator, device=h.device, dtype=dtype)
+        return torch.randn(shape, generator=generator, device=h.device, dtype=dtype)
+
+    def sample_from_noise(self, h: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         c = self.net.condition(h)  # (..., 1, w), once for all steps and samples
         return integrate(
             lambda x, t: self.net(x, t, c), x0, self.steps, self.solver, shift=self.time_shift
