@@ -25,9 +25,10 @@ Usage: python benchmarks/quality.py [--minutes 60] [--data data/shakespeare]
 --lm-minutes sets the time of CALM K = 4 and of each baseline, --sweep-minutes
 that of CALM K = 1, 2, 8, --ae-minutes that of the K = 4 autoencoder (the other
 K scale with it); without them --minutes is split by fixed weights.
-Writes benchmarks/results/quality.json and quality.png. Rerunning reuses the
-trainings already finished in --out (delete it, or pass --fresh, to redo them),
-so a run with --chunk-sizes 4 can be extended by the sweep later.
+Writes benchmarks/results/NAME.json and NAME.png (``--name``, default quality).
+Rerunning reuses the trainings already finished in --out (delete it, or pass
+--fresh, to redo them), so a run with --chunk-sizes 4 can be extended by the
+sweep later.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def main() -> None:
                    help="sampled chunks per start in CALM's final Brier-n (calm eval --samples; the "
                         "validation curves use the paper's 2)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--name", default="quality",
+                   help="result files: benchmarks/results/NAME.json and NAME.png")
     p.add_argument("--fresh", action="store_true", help="redo every training")
     p.add_argument("--lm-minutes", type=float, default=None,
                    help="training minutes of CALM K=4 and of each baseline (default: from --minutes)")
@@ -257,7 +260,7 @@ def main() -> None:
                                  if results["comparisons"].get(n)),
                                 key=lambda c: c["calm_brier_lm"], default=None)
     results["wall_minutes"] = (time.perf_counter() - t_start) / 60
-    path = write("quality", results)
+    path = write(args.name, results)
     rows = []
     for r in results["models"].values():
         ppl = r.get("perplexity")
@@ -278,7 +281,7 @@ def main() -> None:
               f"{' (its curve ends earlier: its final score)' if c['baseline_curve_ends_early'] else ''}"
               f" → ratio {fmt(c['ratio_equal_flops'])} at equal FLOPs, "
               f"{fmt(c['ratio_equal_time'])} at equal time")
-    plot(results)
+    plot(results, args.name)
     print(f"written to {path}")
 
 
@@ -320,7 +323,7 @@ def compare_at_equal_flops(models: dict, calm_name: str = "calm-k4",
             "ratio_equal_time": ratio(calm["brier_lm"], final_best) if same_time else None}
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, name: str = "quality") -> None:
     try:
         import matplotlib
 
@@ -351,7 +354,7 @@ def plot(results: dict) -> None:
     fig.suptitle(f"Demo corpus, {results['lm_minutes']:.1f} min of training per model{sweep} "
                  "(2 CPU threads); validation on 4096 held-out tokens", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png")
+    fig.savefig(RESULTS / f"{name}.png")
     plt.close(fig)
 
 
