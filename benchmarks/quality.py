@@ -323,7 +323,7 @@ def compare_at_equal_flops(models: dict, calm_name: str = "calm-k4",
             "ratio_equal_time": ratio(calm["brier_lm"], final_best) if same_time else None}
 
 
-def plot(results: dict, name: str = "quality") -> None:
+def plot(results: dict, out_name: str = "quality") -> None:
     try:
         import matplotlib
 
@@ -354,7 +354,7 @@ def plot(results: dict, name: str = "quality") -> None:
     fig.suptitle(f"Demo corpus, {results['lm_minutes']:.1f} min of training per model{sweep} "
                  "(2 CPU threads); validation on 4096 held-out tokens", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png")
+    fig.savefig(RESULTS / f"{out_name}.png")
     plt.close(fig)
 
 
