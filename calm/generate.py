@@ -69,11 +69,9 @@ def _compiled_sampler(model):
     Compiling takes seconds to a minute (a C++ compiler on the CPU); the compiled code is
     reused by every later generation with the model. A second batch size compiles once
     more, for every batch size (torch.compile's automatic dynamic shapes)."""
-    from calm.heads.base import GenerativeHead
-
     if model not in _COMPILED:
         head, ae = model.head, model.autoencoder
-        if type(head).draw_noise is GenerativeHead.draw_noise:
+        if not hasattr(head, "sample_from_noise"):
             raise CalmError(
                 f"compile: the {type(head).__name__} draws noise at every sampling step; "
                 "compiling supports the energy and flow heads"

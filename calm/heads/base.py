@@ -15,7 +15,12 @@ from torch import nn
 
 
 class GenerativeHead(nn.Module, ABC):
-    """Base class: ``loss(h, mean, log_std) → (loss, metrics)`` and ``sample(h) → z``."""
+    """Base class: ``loss(h, mean, log_std) → (loss, metrics)`` and ``sample(h) → z``.
+
+    A head whose sampler draws all its randomness up front may also define
+    ``draw_noise(h, n, generator) → noise`` and ``sample_from_noise(h, noise) → (..., n, l)``
+    (energy and flow heads): the deterministic rest can then be compiled
+    (``generate(..., compile=True)``)."""
 
     def __init__(self, hidden_size: int, latent_size: int):
         super().__init__()
@@ -45,22 +50,6 @@ class GenerativeHead(nn.Module, ABC):
         self, h: torch.Tensor, n: int, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """n independent samples per row in one batched pass: h (..., d) → (..., n, l)."""
-
-    def draw_noise(
-        self, h: torch.Tensor, n: int, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """All the randomness of n samples per row of h, for ``sample_from_noise``.
-
-        Heads whose sampler draws all of it up front implement this pair, so that the
-        deterministic rest can be compiled (``generate(..., compile=True)``)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} draws noise at every sampling step; only the energy and "
-            f"flow heads sample from noise drawn up front"
-        )
-
-    def sample_from_noise(self, h: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The samples (..., n, l) that ``draw_noise(h, n)`` leads to, deterministically."""
-        raise NotImplementedError(type(self).__name__)
 
     def check_targets(
         self, h: torch.Tensor, target_mean: torch.Tensor, target_log_std: torch.Tensor
