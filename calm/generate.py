@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calm.brier import sample_categorical
 from calm.errors import CalmError
 from calm.layers import decoding_layout
 from calm.precision import autocast, default_precision, resolve_precision
@@ -300,9 +301,16 @@ def _run_steps(dec, B, steps_max, choose, max_new_tokens, eot_id, on_step):
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
-    """Softmax sampling at a temperature: logits (B, V) → ids (B,)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Softmax sampling at a temperature: logits (B, V) → ids (B,).
+
+    By the CDF (one uniform number per row): ``torch.multinomial`` draws one
+    exponential per vocabulary entry, which at V = 32k took a quarter of a batch-8
+    decoding step on the CPU (4.5 ms against 0.15 ms for 8 rows).
+    """
+    if temperature != 1.0:
+        logits = logits.float() / temperature
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return sample_categorical(probs, generator)
 
 
 def _generate_tokens(model, prompts, max_new_tokens, temperature, eot_id, generator, on_step):

@@ -69,10 +69,10 @@ def _linear_for_decoding(m: nn.Linear, wt: torch.Tensor, wb: torch.Tensor | None
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > max_rows:  # prompt prefill: the usual path (autocast applies)
+        if wb is not None and rows > 1:  # several rows: bf16 matrix kernels are faster
+            return F.linear(x.to(wb.dtype), wb, bias_b)  # (autocast's cast, made once)
+        if rows > max_rows:  # prompt prefill in fp32: the usual path
             return F.linear(x, m.weight, m.bias)
-        if wb is not None and rows > 1:  # a few rows: bf16 matrix kernels are faster
-            return F.linear(x.to(wb.dtype), wb, bias_b)
         with torch.autocast("cpu", enabled=False):  # one row: fp32 matrix-vector is fastest
             y = x.to(wt.dtype) @ wt
             return y if m.bias is None else y + m.bias
@@ -89,11 +89,13 @@ def decoding_layout(model: nn.Module, max_rows: int = 8, bf16: bool = False):
     matrix-vector product faster than nn.Linear's (out, in) layout (measured: 29
     against 16 GB/s at one row on an AMD EPYC). Inside the ``with``, Linear layers
     (and the autoencoder's tied vocabulary projection) use a transposed fp32 copy of
-    their weight for one-row inputs; with ``bf16`` (the bf16 precision), inputs of 2
-    to ``max_rows`` rows use a bf16 copy instead, since on CPUs with bf16 matrix
+    their weight for one-row inputs; with ``bf16`` (the bf16 precision), inputs of
+    two or more rows use a bf16 copy instead, since on CPUs with bf16 matrix
     instructions a few-row product runs 2–3× faster in bf16 while a single row does
     not (measured on an Intel Xeon with AMX: 92 against 41 GFLOP/s at 4 rows, equal
-    at one). Larger inputs (prompt prefill) take the usual path. The copies are
+    at one); the prompt's prefill uses it too, as autocast would after casting the
+    weight. In fp32, inputs of more than ``max_rows`` rows (prefill) take the usual
+    path. The copies are
     cached on the modules and rebuilt when the weights change, so repeated
     generation pays for them once (at the price of extra copies of the weights in
     memory). Elsewhere than on the CPU this does nothing.

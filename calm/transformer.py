@@ -24,6 +24,7 @@ from torch import nn
 from calm.config import TransformerConfig
 from calm.errors import CalmError
 from calm.layers import RMSNorm, SwiGLU
+from calm.precision import matmul_dtype
 
 
 class RotaryEmbedding(nn.Module):
@@ -158,8 +159,9 @@ class Attention(nn.Module):
             cache.values[layer, :, :, cache.length : end] = v
             k = cache.keys[layer, :, :, :end]  # (B, G, T, hd)
             v = cache.values[layer, :, :, :end]
+            q = q.to(k.dtype)  # attend in the cache's dtype: cast this step's queries, not every key
         y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal, enable_gqa=G != H
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G != H
         )  # (B, H, S, hd)
         return self.proj(y.transpose(1, 2).reshape(B, S, H * hd))
 
@@ -233,10 +235,16 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> KVCache:
-        """An empty cache for ``batch_size`` rows of up to ``max_len`` positions."""
+        """An empty cache for ``batch_size`` rows of up to ``max_len`` positions.
+
+        Its dtype defaults to the one attention computes in: the weights', or bf16 when
+        made inside a bf16 autocast region (half the bytes to read per step, and no
+        conversion of every cached key at every layer and step).
+        """
         p = self.norm.weight
         shape = (self.cfg.num_layers, batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
-        device, dtype = device or p.device, dtype or p.dtype
+        device = torch.device(device or p.device)
+        dtype = dtype or matmul_dtype(device.type, p.dtype)
         return KVCache(
             torch.zeros(shape, device=device, dtype=dtype),
             torch.zeros(shape, device=device, dtype=dtype),

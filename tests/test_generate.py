@@ -318,3 +318,33 @@ def test_compile_refuses_what_it_does_not_cover(make_calm, token_lm):
                      model.autoencoder).eval()
     with pytest.raises(CalmError, match="draws noise at every sampling step"):
         generate(diffusion, [[1, 2]], max_new_tokens=4, compile=True)
+
+
+def test_sample_logits_draws_the_tempered_softmax():
+    from calm.generate import sample_logits
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")],
+                           [0.5, 0.5, 0.5, 3.0, -2.0]])
+    n = 40000
+    for T, dtype in ((0.5, torch.float32), (1.0, torch.bfloat16)):
+        rows = logits.to(dtype).repeat_interleave(n, 0)
+        draws = sample_logits(rows, T, torch.Generator().manual_seed(0)).view(2, n)
+        want = torch.softmax(logits.to(dtype).float() / T, -1)
+        for b in range(2):
+            freq = torch.bincount(draws[b], minlength=5).double() / n
+            se = (want[b].double() * (1 - want[b].double()) / n).sqrt()
+            assert ((freq - want[b].double()).abs() <= 4 * se + 1e-12).all(), (T, b, freq, want[b])
+        assert not (draws[0] == 4).any()  # a zero-probability word is never drawn
+
+
+def test_decode_tokens_takes_the_first_of_tied_maxima(calm_models):
+    ae = next(iter(calm_models.values())).autoencoder
+    logits = torch.zeros(3, 4, 9)
+    logits[0, :, 2] = logits[0, :, 7] = 1.0  # ties: the first index wins, as argmax
+    logits[1, :, 8] = 2.0
+    logits[2, 1, 0] = logits[2, 1, 5] = 3.0
+    ae.decode = lambda z: logits
+    try:
+        torch.testing.assert_close(ae.decode_tokens(torch.zeros(3, 1)), logits.argmax(-1))
+    finally:
+        del ae.decode

@@ -100,7 +100,7 @@ def test_decoding_layout_bf16_paths():
     # One row: the fp32 matrix-vector path, exact up to summation order.
     assert got_one.dtype == torch.float32
     assert torch.allclose(got_one, want["one"], atol=1e-5)
-    # A few rows: a bf16 copy; more rows: autocast. Both bf16-close.
+    # Several rows (a few, or a prompt's prefill): the bf16 copy, bf16-close.
     for got, ref in ((got_few, want["few"]), (got_many, want["many"])):
         assert got.dtype == torch.bfloat16
         assert torch.allclose(got.float(), ref, atol=0.05, rtol=0.02)

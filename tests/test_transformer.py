@@ -232,3 +232,17 @@ def test_bench_speed_report():
         f"\nbench backbone fwd+bwd (8,128,512), 2 threads: {dt:.3f}s; ideal at 175 GFLOP/s {ideal:.3f}s"
     )
     assert dt > 0
+
+
+def test_cache_under_bf16_autocast_holds_bf16_and_matches_the_full_forward():
+    model = _model()
+    x = _inputs(2, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(x)
+        cache = model.make_cache(2, 12)
+        parts = [model(x[:, :5], cache=cache)] + [
+            model(x[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.keys.dtype == cache.values.dtype == torch.bfloat16
+    assert model.make_cache(2, 12).keys.dtype == torch.float32  # outside autocast
+    got = torch.cat(parts, 1)
+    assert (got.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
