@@ -32,6 +32,22 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def use_huge_pages() -> None:
+    """Let PyTorch's CPU allocator back large tensors with transparent huge pages.
+
+    A CPU tensor of several MB is mapped afresh by the OS at each allocation and
+    faulted in 4 KB page by page on first touch; with huge pages (PyTorch's
+    ``THP_MEM_ALLOC_ENABLE``) that costs 512× fewer faults. Measured on an Intel Xeon
+    (speed.py's sizes, training steps of 8 × 512 tokens, separate processes in turn):
+    the baseline 5–13 % faster in bf16 and 6 % in fp32, CALM 2–4 %. PyTorch reads the
+    variable at its first large allocation, so this must run before any; a value the
+    user set (``THP_MEM_ALLOC_ENABLE=0``) is kept. The kernel must allow it
+    (``/sys/kernel/mm/transparent_hugepage/enabled`` at ``madvise`` or ``always``);
+    elsewhere it changes nothing.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -399,3 +399,15 @@ def test_library_training_run_equals_the_command(tmp_path, dataset_dir, ae_run, 
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_commands_ask_for_huge_pages_unless_told_not_to(monkeypatch, tmp_path, capsys):
+    import os
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["eval", "--model", str(tmp_path / "none"), "--text", "hi"]) == 2  # fails, after the setting
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    main(["eval", "--model", str(tmp_path / "none"), "--text", "hi"])
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"  # the user's choice is kept
+    capsys.readouterr()

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from calm.runtime import use_huge_pages
+
+    use_huge_pages()  # before the command's first large tensor
     try:
         return int(args._run(args) or 0)
     except Stopped as e:
