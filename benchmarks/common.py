@@ -10,9 +10,9 @@ import statistics
 import time
 from pathlib import Path
 
-from calm.runtime import use_huge_pages
+from calm.runtime import configure_cpu_memory, keep_freed_memory
 
-use_huge_pages()  # as the command line does, before any benchmark's first large tensor
+configure_cpu_memory()  # as the command line does, before any benchmark's first large tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -163,6 +163,7 @@ def machine(device=None) -> dict:
         "threads": torch.get_num_threads(),
         "load_average_1min": load,
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "keep_freed_memory": keep_freed_memory(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

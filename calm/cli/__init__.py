@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from calm.runtime import use_huge_pages
+    from calm.runtime import configure_cpu_memory
 
-    use_huge_pages()  # before the command's first large tensor
+    configure_cpu_memory()  # before the command's first large tensor
     try:
         return int(args._run(args) or 0)
     except Stopped as e:
