@@ -120,7 +120,9 @@ class Autoencoder(nn.Module):
             return F.linear(h.to(wb.dtype), wb)
         if wt is not None and rows <= 8 * self.config.chunk_size:
             with torch.autocast("cpu", enabled=False):
-                return h.to(wt.dtype) @ wt
+                packed = self.__dict__.get("vocab_projection_packed")  # fp32, where MKL has it
+                y = packed(h) if packed is not None and rows > 1 else None
+                return y if y is not None else h.to(wt.dtype) @ wt
         return h @ self.embed.weight.t()
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from calm import precision as P
 from calm.baseline import TokenLM
 from calm.config import TrainConfig, preset
 from calm.errors import CalmError
-from calm.layers import decoding_layout
+from calm.layers import decoding_layout, mkl_packing_available
 from calm.ops import linear_cross_entropy
 from calm.train import train
 
@@ -105,6 +105,27 @@ def test_decoding_layout_bf16_paths():
         assert got.dtype == torch.bfloat16
         assert torch.allclose(got.float(), ref, atol=0.05, rtol=0.02)
     assert "forward" not in lin.__dict__  # restored on exit
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this PyTorch build has no MKL packing")
+def test_decoding_layout_fp32_packs_weights_for_a_steady_row_count():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    xs = [torch.randn(rows, 64) for rows in (1, 4, 4, 4, 3, 8, 8, 1)]
+    with decoding_layout(lin):
+        got = [lin(x) for x in xs]
+        packed = lin.__dict__["_decode_weight_packed"]
+        assert packed.rows == 8  # packed for 4 rows at the second 4-row call, then for 8
+    for x, y in zip(xs, got):
+        assert y.dtype == torch.float32
+        assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-5)
+    assert "forward" not in lin.__dict__ and "_decode_weight_packed" not in lin.__dict__
+    with torch.no_grad():
+        lin.weight.mul_(2)  # packed anew in the next decoding layout
+    with decoding_layout(lin):
+        x = torch.randn(2, 64)
+        y = [lin(x) for _ in range(3)][-1]
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-5)
 
 
 def test_generate_in_bf16_matches_fp32_lengths(make_calm):
