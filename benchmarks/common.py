@@ -130,6 +130,36 @@ def machine_limits(threads=(1, 2), size: int = 2048, gemv: int = 4096, device="c
     return out
 
 
+def weight_read_gbs(nbytes: int, threads: int, device="cpu") -> float:
+    """Matrix-vector read bandwidth (GB/s) over one fp32 weight of about ``nbytes``, at
+    ``threads`` intra-op threads: the memory limit of a decoding step that reads that
+    many bytes of weights.
+
+    On a CPU the bandwidth depends on the size read: a 64 MB weight (``machine_limits``'
+    gemv) stays largely in the last-level cache between reads, while the 100–250 MB
+    that a decoding step of ``benchmarks/speed.py``'s models reads comes mostly from
+    DRAM (measured on an Intel Xeon with AMX, 2 threads: 53–61 GB/s up to 64 MB, 48 at
+    128 MB, 34 at 256 MB, 32 at 1 GB). So a step is held to the bandwidth measured at
+    its own size.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    before = torch.get_num_threads()
+    try:
+        if not on_cuda(device):
+            torch.set_num_threads(threads)
+        rows = max(1, nbytes // (4 * 4096))
+        w = torch.randn(rows, 4096, device=device)  # (out, in), as nn.Linear holds it
+        wt, x = w.t().contiguous(), torch.randn(1, 4096, device=device)  # and (in, out)
+        s = min(timed(lambda: F.linear(x, w), warmup=3, repeat=10, device=device)["min"],
+                timed(lambda: x @ wt, warmup=3, repeat=10, device=device)["min"])
+        return w.numel() * 4 / s / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def limits_key(threads: int, device="cpu") -> str:
     """The key of ``machine_limits``' row that applies: the thread count, or "gpu"."""
     return "gpu" if on_cuda(device) else str(threads)

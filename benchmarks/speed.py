@@ -7,8 +7,10 @@ not depend on them (generation never stops early: no end-of-text).
 
 - generation tokens/s at temperature 1, prompt 32 tokens, 256 new tokens, batch 1 and 8,
   with each model's share of its roofline limit: min(compute limit, weight-reading
-  limit) from this machine's own matmul GFLOP/s and matrix-vector bandwidth, measured
-  when the benchmark starts (batch 1 is bound by reading the weights);
+  limit) from this machine's own matmul GFLOP/s, measured when the benchmark starts,
+  and the matrix-vector bandwidth of reading as many bytes as one decoding step reads
+  (batch 1 is bound by reading the weights; a 64 MB weight stays in a large cache,
+  a step's 170–210 MB do not, so the share of the 64 MB gemv figure is shown too);
 - training tokens/s, batch 8 × 512 tokens, with its share of the matmul limit
   (training FLOPs per token from calm.flops);
 - BrierLM evaluation time of one 1024-token sequence;
@@ -49,6 +51,7 @@ from common import (  # noqa: E402
     machine_limits,
     table,
     timed,
+    weight_read_gbs,
     write,
 )
 
@@ -214,15 +217,31 @@ def bench_eval(calm, base, repeat: int, precision: str, device=CPU) -> dict:
     return out
 
 
-def generation_limit(costs: dict, key: str, batch: int, limits: dict, precision: str) -> dict:
+def generation_limit(costs: dict, key: str, batch: int, limits: dict, precision: str,
+                     read_gbs: float | None = None) -> dict:
     """Roofline tokens/s of decoding: the lower of the compute limit and the limit of
-    reading the weights once per step for ``batch`` rows (batch 1: bandwidth-bound)."""
+    reading the weights once per step for ``batch`` rows (batch 1: bandwidth-bound).
+
+    ``read_gbs``: the read bandwidth that applies to a step's weights (on a CPU,
+    ``weight_read_gbs`` measured at the step's own bytes); default the limits' gemv
+    figure. The share of the gemv figure is kept as well (``memory_tokens_per_s_gemv``).
+    """
     flops = 2 * costs[f"{key}_macs_per_token"]
     compute = limits[f"matmul_{precision}_gflops"] * 1e9 / flops
-    memory = limits["gemv_fp32_gbs"] * 1e9 * batch / costs[f"{key}_bytes_per_token"]
+    per_token = costs[f"{key}_bytes_per_token"]
+    gemv = limits["gemv_fp32_gbs"] * 1e9 * batch / per_token
+    memory = (read_gbs or limits["gemv_fp32_gbs"]) * 1e9 * batch / per_token
     return {"tokens_per_s": min(compute, memory),
             "bound": "memory" if memory < compute else "compute",
-            "compute_tokens_per_s": compute, "memory_tokens_per_s": memory}
+            "compute_tokens_per_s": compute, "memory_tokens_per_s": memory,
+            "read_gbs": read_gbs or limits["gemv_fp32_gbs"],
+            "memory_tokens_per_s_gemv": gemv}
+
+
+def step_bytes(costs: dict, key: str, calm: CALM) -> int:
+    """Bytes of weights one decoding step reads (a CALM step makes K tokens a row)."""
+    unit = calm.config.chunk_size if key == "calm" else 1
+    return int(costs[f"{key}_bytes_per_token"] * unit)
 
 
 def main() -> None:
@@ -275,8 +294,10 @@ def main() -> None:
                                 "device": str(device), "generation_batches": gen_batches},
                     "limits": limits, "authors": ref, "precisions": {}}
     rows = []
+    reads: dict = {}  # (MB, threads) → GB/s of reading that many bytes of weights
     comparisons: dict = {}
     result["vs_authors"] = comparisons
+    result["weight_read_gbs"] = reads_json = {}
 
     def vs_authors(value: float, key: str, name: str, limit: str, threads: int) -> str:
         """Our figure over the authors', and scaled by the two machines' ``limit`` when they differ."""
@@ -308,15 +329,29 @@ def main() -> None:
                 names += [("calm_compiled", "calm")] if args.compile else []
                 for name, key in names:
                     tps = g[name]["tokens_per_s"]
+                    nbytes = step_bytes(costs, key, calm)
+                    if gpu:
+                        read = None
+                    else:  # the bandwidth of reading this step's bytes, measured once
+                        mb = round(nbytes / 2**20)
+                        if (mb, threads) not in reads:
+                            reads[(mb, threads)] = weight_read_gbs(mb << 20, threads)
+                        read = reads[(mb, threads)]
                     lim = generation_limit(costs, key, batch, limits[limits_key(threads, device)],
-                                           prec)
+                                           prec, read)
+                    lim["step_weight_bytes"] = nbytes
                     g[name]["limit"] = lim
                     g[name]["share_of_limit"] = tps / lim["tokens_per_s"]
                     lo, hi = g[name]["tokens_per_s_min_max"]
+                    how = ""
+                    if lim["bound"] == "memory" and read is not None:
+                        how = (f" ({nbytes / 2**20:.0f} MB/step at {read:.0f} GB/s; "
+                               f"{tps / lim['memory_tokens_per_s_gemv']:.0%} at the gemv's "
+                               f"{limits[limits_key(threads, device)]['gemv_fp32_gbs']:.0f})")
                     rows.append([f"generate, batch {batch}, {where(threads)}", prec, name,
                                  f"{tps:.0f} ({lo:.0f}–{hi:.0f})",
                                  f"{tps / lim['tokens_per_s']:.0%} of {lim['bound']} limit "
-                                 f"{lim['tokens_per_s']:.0f}",
+                                 f"{lim['tokens_per_s']:.0f}{how}",
                                  vs_authors(tps, f"gen_b{batch}", name,
                                             "gemv_fp32_gbs" if lim["bound"] == "memory"
                                             else "matmul_fp32_gflops", threads)])
@@ -361,6 +396,7 @@ def main() -> None:
         if len(precisions) == 2 and "train" in only:
             a, b = (result["precisions"][x]["training"][name]["tokens_per_s"] for x in precisions)
             rows.append(["train, 8×512", "/".join(precisions[::-1]), name, f"{b / a:.2f}×", "", ""])
+    reads_json.update({f"{mb} MB, {t} thr": v for (mb, t), v in sorted(reads.items())})
     path = write(args.name, result, per_machine=True, device=device)
     print(table(rows, ["what", "precision", "model", "tokens/s median (min–max)", "limit",
                        "vs authors'"]))
